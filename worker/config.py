@@ -1,0 +1,64 @@
+"""Engine settings, with the checks that turn a bad setting into a message naming the fix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POLICIES = ("fcfs", "priority", "lpm")
+DEVICES = ("auto", "cuda", "cpu")
+EXECUTORS = ("auto", "cpu", "cuda", "sim")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says which and what to do."""
+
+
+@dataclass
+class EngineConfig:
+    model: str = "demo"  # a local Hugging Face folder or a built-in name (see worker.models.registry)
+    device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
+    executor: str = "auto"  # auto follows the device; "sim" runs a cost model with no tensors
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    page_size: int = 16
+    # KV budget: on CPU (and sim) an explicit token count; on CUDA a fraction of free GPU memory.
+    kv_cache_tokens: int = 65536
+    mem_fraction: float = 0.85
+    max_num_batched_tokens: int = 2048  # the per-step token budget (decodes + prefill chunks)
+    max_running_requests: int = 256
+    max_waiting_requests: int = 4096  # beyond this, new requests are refused (HTTP 503)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    policy: str = "fcfs"
+    priority_aging_s: float = 5.0  # `priority` policy: a waiting request gains one level per this many seconds
+    enable_prefix_cache: bool = True
+    seed: int = 0
+    cuda_graph_max_bs: int = 256
+    enable_cuda_graphs: bool = True
+    progress: bool = True  # progress bars while loading
+
+    def validate(self) -> "EngineConfig":
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ConfigError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if not (1 <= self.page_size <= 256) or self.page_size & (self.page_size - 1):
+            raise ConfigError(f"--page-size must be a power of two between 1 and 256, got {self.page_size}")
+        if self.max_num_batched_tokens < 16:
+            raise ConfigError(f"--max-num-batched-tokens must be at least 16, got {self.max_num_batched_tokens}")
+        if self.max_running_requests < 1:
+            raise ConfigError(f"--max-running-requests must be at least 1, got {self.max_running_requests}")
+        if self.kv_cache_tokens < self.page_size * 2:
+            raise ConfigError(f"--kv-cache-tokens must hold at least two pages, got {self.kv_cache_tokens}")
+        if not (0.05 <= self.mem_fraction <= 0.98):
+            raise ConfigError(f"--mem-fraction must be between 0.05 and 0.98, got {self.mem_fraction}")
+        return self
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
