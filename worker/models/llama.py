@@ -1,0 +1,186 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) over a paged KV cache.
+
+One module covers the whole family; the differences are switches on `ModelConfig`:
+QKV bias (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3), the RoPE table (llama3 scaling), GQA,
+tied embeddings. Projections are fused the way serving engines store them: `qkv_proj` = [q; k; v]
+rows and `gate_up_proj` = [gate; up] rows (the loader slices Hugging Face tensors into them).
+
+Every non-matmul op goes through `self.ops`, a module with the function names and signatures of
+`kernels.torch_ref` (rms_norm, build_rope_cache, apply_rope, write_kv, paged_attention, silu_and_mul),
+so the CUDA executor can hand in its Triton ops without touching this file.
+
+Tensors flow flat: hidden states are [T, hidden] for all new tokens of the batch together.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import skip_init
+
+import kernels.torch_ref as torch_ref
+from kernels.attention_metadata import AttentionMetadata
+from worker.engine.forward_batch import ForwardBatch
+from worker.models.config import ModelConfig
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each [num_slots, num_kv_heads, head_dim]
+
+
+def _linear(in_features: int, out_features: int, bias: bool, dtype, device) -> nn.Linear:
+    """An nn.Linear whose weights are left uninitialized: the loader fills them."""
+    return skip_init(nn.Linear, in_features, out_features, bias=bias, dtype=dtype, device=device)
+
+
+class RMSNorm(nn.Module):
+    """Holds the norm weight; the math (optionally fused with the residual add) lives in ops.rms_norm."""
+
+    def __init__(self, size: int, eps: float, ops: ModuleType, dtype, device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, ops: ModuleType, dtype, device):
+        super().__init__()
+        self.ops = ops
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = _linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, config.qkv_bias, dtype, device
+        )
+        self.o_proj = _linear(self.q_size, config.hidden_size, False, dtype, device)
+        if config.qk_norm:  # Qwen3: RMSNorm over head_dim of each q and k head, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops, dtype, device)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops, dtype, device)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+        rope_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, _ = self.q_norm(q)
+            k, _ = self.k_norm(k)
+        q, k = self.ops.apply_rope(q, k, positions, rope_cache)
+        k_cache, v_cache = kv_cache
+        self.ops.write_kv(k_cache, v_cache, k, v, meta.out_slots)
+        out = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, ops: ModuleType, dtype, device):
+        super().__init__()
+        self.ops = ops
+        self.gate_up_proj = _linear(config.hidden_size, 2 * config.intermediate_size, False, dtype, device)
+        self.down_proj = _linear(config.intermediate_size, config.hidden_size, False, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, ops: ModuleType, dtype, device):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype, device)
+        self.self_attn = Attention(config, ops, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype, device)
+        self.mlp = MLP(config, ops, dtype, device)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+        rope_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, residual stream before it); the next norm adds them."""
+        if residual is None:  # first layer: the residual stream is the embeddings themselves
+            residual = hidden
+            hidden, _ = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, meta, kv_cache, rope_cache)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder + LM head. Parameters are allocated uninitialized; fill them with worker.models.loader."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        ops: ModuleType = torch_ref,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.ops = ops
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        self.embed_tokens = skip_init(
+            nn.Embedding, config.vocab_size, config.hidden_size, dtype=dtype, device=device
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, ops, dtype, device) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, device)
+        self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, device)
+        if config.tie_word_embeddings:
+            self.tie_embeddings()
+        # cos/sin table for every position the model may see; float32 whatever the weight dtype
+        rope_cache = ops.build_rope_cache(
+            config.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling, device=device
+        )
+        self.register_buffer("rope_cache", rope_cache, persistent=False)
+
+    def tie_embeddings(self) -> None:
+        """Make lm_head share the input embedding matrix (tied checkpoints store it once)."""
+        self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+        """Run one step; returns float32 logits [len(batch.logits_indices), vocab_size].
+
+        Writes the new tokens' K/V into `kv_caches[layer]` at `batch.out_slots`. The final norm and
+        the LM head run only on the rows named by `batch.logits_indices`.
+        """
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
+        meta = AttentionMetadata.from_batch(batch)
+        hidden = self.embed_tokens(batch.input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(hidden, residual, batch.positions, meta, kv_cache, self.rope_cache)
+        rows = batch.logits_indices
+        if residual is None:  # a model with no layers: nothing to add
+            hidden, _ = self.norm(hidden[rows])
+        else:
+            hidden, _ = self.norm(hidden[rows], residual[rows])
+        return F.linear(hidden, self.lm_head.weight).float()
