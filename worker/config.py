@@ -30,6 +30,10 @@ class EngineConfig:
     policy: str = "fcfs"
     priority_aging_s: float = 5.0  # `priority` policy: a waiting request gains one level per this many seconds
     enable_prefix_cache: bool = True
+    # Admission keeps room for this fraction of the running batch's remaining decode tokens; the ratio
+    # decays towards the minimum while no preemption happens (see worker.engine.scheduler).
+    new_token_ratio_init: float = 0.7
+    new_token_ratio_min: float = 0.1
     seed: int = 0
     cuda_graph_max_bs: int = 256
     enable_cuda_graphs: bool = True

@@ -1,0 +1,228 @@
+"""The engine: scheduler -> model runner -> executor -> sampler, one iteration per `step()`.
+
+Synchronous and single-threaded on purpose: the HTTP frontend runs it in its own process and feeds it
+through IPC (worker.server), the offline `LLM` API drives it in a loop. It speaks only token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+from worker.cache.page_pool import PagePool
+from worker.cache.radix_cache import RadixCache
+from worker.config import ConfigError, EngineConfig
+from worker.engine.model_runner import build_forward_batch, sampling_states
+from worker.engine.protocol import EngineOutput, EngineRequest, EngineStats
+from worker.engine.sampler import Sampler
+from worker.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from worker.engine.sequence import Sequence
+from worker.executor.base import Executor
+from worker.sampling_params import InvalidParameter
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at `max_waiting_requests`; the caller should retry later (HTTP 503)."""
+
+
+def create_executor(config: EngineConfig, model_path: Path) -> Executor:
+    device = config.resolved_device()
+    kind = config.executor if config.executor != "auto" else device
+    if kind == "cpu":
+        import torch
+
+        from worker.executor.cpu import CPUExecutor
+
+        dtype = torch.float32 if config.dtype == "auto" else getattr(torch, config.dtype)
+        return CPUExecutor(model_path, kv_cache_tokens=config.kv_cache_tokens, dtype=dtype, progress=config.progress)
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        from worker.executor.cuda import CUDAExecutor
+
+        return CUDAExecutor(model_path, config)
+    if kind == "sim":
+        from worker.executor.sim import SimExecutor
+
+        return SimExecutor(model_path, config)
+    raise ConfigError(f"unknown executor {kind!r}")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None):
+        from worker.models.config import ModelConfig
+        from worker.models.registry import resolve_model
+        from worker.tokenizer import Tokenizer
+
+        self.config = config.validate()
+        self.model_name = config.model
+        self.model_path = resolve_model(config.model, progress=config.progress)
+        self.model_config = ModelConfig.from_folder(self.model_path)
+        self.tokenizer = Tokenizer.from_folder(self.model_path)
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len
+        )
+        self.executor = executor or create_executor(config, self.model_path)
+        num_pages = self.executor.num_kv_pages(config.page_size)
+        if num_pages < 2:
+            raise ConfigError("the KV budget holds fewer than two pages: raise --kv-cache-tokens or --mem-fraction")
+        self.executor.init_kv_cache(num_pages, config.page_size)
+        self.cache = RadixCache(PagePool(num_pages, config.page_size), enabled=config.enable_prefix_cache)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_running_requests=config.max_running_requests,
+                max_model_len=self.max_model_len,
+                policy=config.policy,
+                priority_aging_s=config.priority_aging_s,
+                new_token_ratio_init=config.new_token_ratio_init,
+                new_token_ratio_min=config.new_token_ratio_min,
+            ),
+            self.cache,
+        )
+        self.sampler = Sampler(self.model_config.vocab_size, self.executor.device, seed=config.seed)
+        self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids)))
+        self._eos_set = frozenset(self.eos_token_ids)
+        self._requests: dict[str, list[Sequence]] = {}  # request_id -> its choices
+        self._pending_outputs: list[EngineOutput] = []  # produced outside step() (aborts)
+        self.num_finished = 0
+        log.info(
+            "engine ready: model=%s executor=%s kv=%d tokens (%d pages of %d) max_model_len=%d",
+            self.model_name, self.executor.name, num_pages * config.page_size, num_pages, config.page_size,
+            self.max_model_len,
+        )
+
+    # ------------------------------------------------------------------ requests in
+    def add_request(self, req: EngineRequest) -> None:
+        if req.request_id in self._requests:
+            raise InvalidParameter("request_id", f"request {req.request_id!r} is already running")
+        self._validate_lengths(req)
+        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
+        choices = [
+            Sequence(
+                request_id=req.request_id,
+                index=i,
+                prompt_token_ids=list(req.prompt_token_ids),
+                params=req.params,
+                arrival_time=req.arrival_time,
+            )
+            for i in range(req.params.n)
+        ]
+        self._requests[req.request_id] = choices
+        first = choices[0]
+        first.held_choices = choices[1:]  # they start once the prompt is cached (see Scheduler.update)
+        self.scheduler.add(first)
+
+    def _validate_lengths(self, req: EngineRequest) -> None:
+        n_prompt = len(req.prompt_token_ids)
+        if n_prompt == 0:
+            raise InvalidParameter("prompt", "the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in req.prompt_token_ids):
+            raise InvalidParameter("prompt", f"token ids must be integers in [0, {vocab})")
+        if n_prompt >= self.max_model_len:
+            raise InvalidParameter(
+                "prompt",
+                f"the prompt is {n_prompt} tokens, the model's context length is {self.max_model_len}; "
+                "shorten the prompt",
+            )
+        max_tokens = req.params.max_tokens
+        if max_tokens is not None and n_prompt + max_tokens > self.max_model_len:
+            raise InvalidParameter(
+                "max_tokens",
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context length "
+                f"{self.max_model_len}; lower max_tokens to at most {self.max_model_len - n_prompt}",
+            )
+        pool_tokens = self.cache.pool.num_pages * self.cache.page_size
+        if n_prompt + 1 > pool_tokens:
+            raise InvalidParameter("prompt", f"the prompt ({n_prompt} tokens) exceeds the KV cache ({pool_tokens} tokens)")
+
+    def abort_request(self, request_id: str, index: int | None = None) -> None:
+        """Stop the request (or one of its choices) now and free its KV; an `abort` event follows."""
+        if request_id not in self._requests:
+            return
+        for seq in self.scheduler.abort(request_id, index):
+            self._pending_outputs.append(self._output(seq, [], None))
+        self._forget_if_done(request_id)
+
+    # ------------------------------------------------------------------ the loop
+    def has_unfinished(self) -> bool:
+        return bool(self._requests) or bool(self._pending_outputs)
+
+    def step(self) -> list[EngineOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        batch = self.scheduler.schedule()
+        sampled, logprobs = self._run(batch) if len(batch) else ({}, {})
+        advanced, finished = self.scheduler.update(batch, sampled, self._eos_set)
+        advanced_ids = {id(s) for s in advanced}
+        for seq in advanced:
+            lp = logprobs.get(id(seq))
+            outputs.append(self._output(seq, [seq.output_token_ids[-1]], [lp] if lp is not None else None))
+        for seq in finished:
+            if id(seq) not in advanced_ids:  # cut off in schedule() without a new token
+                outputs.append(self._output(seq, [], None))
+            self._forget_if_done(seq.request_id)
+        return outputs
+
+    def _run(self, batch: ScheduledBatch) -> tuple[dict[int, int], dict[int, object]]:
+        """Forward + sample. Returns (batch row -> new token, id(seq) -> TokenLogprob)."""
+        forward_batch, rows = build_forward_batch(batch, self.cache.page_size)
+        logits = self.executor.forward(forward_batch)
+        if not rows:
+            return {}, {}
+        result = self.sampler(logits, sampling_states(batch, rows, self.eos_token_ids))
+        sampled = dict(zip(rows, result.token_ids))
+        logprobs = {id(batch.seqs[r]): lp for r, lp in zip(rows, result.logprobs) if lp is not None}
+        return sampled, logprobs
+
+    def _output(self, seq: Sequence, new_tokens: list[int], logprobs) -> EngineOutput:
+        first = self._requests.get(seq.request_id, [seq])[0]
+        return EngineOutput(
+            request_id=seq.request_id,
+            index=seq.index,
+            new_token_ids=new_tokens,
+            logprobs=logprobs,
+            finish_reason=seq.finish_reason,
+            stop_token_id=seq.stop_token_id,
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_cached_tokens=max(first.num_cached_tokens, 0),
+        )
+
+    def _forget_if_done(self, request_id: str) -> None:
+        choices = self._requests.get(request_id)
+        if choices is not None and all(s.finish_reason is not None for s in choices):
+            del self._requests[request_id]
+            self.num_finished += 1
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            kv_tokens_used=s.kv_tokens_in_use(),
+            kv_tokens_total=self.cache.pool.num_pages * self.cache.page_size,
+            cache_hit_tokens=self.cache.hit_tokens,
+            cache_query_tokens=self.cache.query_tokens,
+            num_preemptions=s.num_preemptions,
+            num_finished=self.num_finished,
+            max_running_requests=self.config.max_running_requests,
+        )
+
+    def check_invariants(self) -> None:
+        self.scheduler.check_invariants()
+
+    def shutdown(self) -> None:
+        for request_id in list(self._requests):
+            self.abort_request(request_id)
+        self.executor.shutdown()
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex

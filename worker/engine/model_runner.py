@@ -1,0 +1,75 @@
+"""Turns a scheduled step into a `ForwardBatch` and the sampler's per-row states.
+
+This is the only place that knows both the scheduler's view (sequences, pages) and the executor's
+(flat token tensors, slots, page tables), so neither has to know the other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from worker.engine.forward_batch import ForwardBatch
+from worker.engine.sampler import SamplingState
+from worker.engine.scheduler import ScheduledBatch
+
+
+def build_forward_batch(batch: ScheduledBatch, page_size: int) -> tuple[ForwardBatch, list[int]]:
+    """Returns the ForwardBatch (on CPU; the executor moves it) and the batch rows that sample.
+
+    Rows that sample are those whose chunk reaches their last token; their logits come back in that order.
+    """
+    input_ids: list[int] = []
+    positions: list[np.ndarray] = []
+    slots: list[np.ndarray] = []
+    seq_lens: list[int] = []
+    extend_lens: list[int] = []
+    logits_indices: list[int] = []
+    sampling_rows: list[int] = []
+    max_pages = 0
+    for row, (seq, n_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+        start = seq.num_computed
+        end = start + n_new
+        tokens = seq.token_ids()
+        input_ids.extend(tokens[start:end])
+        pos = np.arange(start, end, dtype=np.int64)
+        pages = np.asarray(seq.pages, dtype=np.int64)
+        positions.append(pos)
+        slots.append(pages[pos // page_size] * page_size + pos % page_size)
+        seq_lens.append(end)
+        extend_lens.append(n_new)
+        max_pages = max(max_pages, -(-end // page_size))
+        if end == seq.num_tokens:
+            logits_indices.append(len(input_ids) - 1)
+            sampling_rows.append(row)
+
+    page_tables = np.zeros((len(batch.seqs), max(max_pages, 1)), dtype=np.int32)
+    for row, seq in enumerate(batch.seqs):
+        n = -(-seq_lens[row] // page_size)
+        page_tables[row, :n] = seq.pages[:n]
+
+    forward_batch = ForwardBatch(
+        input_ids=torch.tensor(input_ids, dtype=torch.int64),
+        positions=torch.from_numpy(np.concatenate(positions)) if positions else torch.empty(0, dtype=torch.int64),
+        out_slots=torch.from_numpy(np.concatenate(slots)) if slots else torch.empty(0, dtype=torch.int64),
+        page_tables=torch.from_numpy(page_tables),
+        seq_lens=seq_lens,
+        extend_lens=extend_lens,
+        logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
+        num_decodes=batch.num_decodes,
+        page_size=page_size,
+    )
+    return forward_batch, sampling_rows
+
+
+def sampling_states(batch: ScheduledBatch, rows: list[int], eos_token_ids: tuple[int, ...]) -> list[SamplingState]:
+    return [
+        SamplingState(
+            params=batch.seqs[r].params,
+            prompt_token_ids=batch.seqs[r].prompt_token_ids,
+            output_token_ids=batch.seqs[r].output_token_ids,
+            choice_index=batch.seqs[r].index,
+            eos_token_ids=eos_token_ids,
+        )
+        for r in rows
+    ]

@@ -1,0 +1,75 @@
+"""One choice of one request, as the scheduler tracks it.
+
+A request with n choices becomes n `Sequence`s. Choice 0 is prefilled first; the others wait
+(`held_choices` on choice 0) until its prompt is in the radix cache, then start from that shared prefix.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from worker.sampling_params import SamplingParams
+
+_arrival_counter = itertools.count()
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    # Tie-breaker that keeps the arrival order stable, also for equal timestamps.
+    arrival_order: int = field(default_factory=lambda: next(_arrival_counter))
+
+    # KV state. pages[i] holds positions [i*page_size, (i+1)*page_size).
+    # The first `num_tree_tokens` tokens' pages belong to the radix tree (shared, kept alive by the lock on
+    # `tree_node`); the rest are private to this sequence.
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V is in `pages`
+    tree_node: object | None = None
+    num_tree_tokens: int = 0
+
+    num_cached_tokens: int = -1  # prompt tokens served from the cache at first admission (-1: not yet admitted)
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    stop_token_id: int | None = None
+    held_choices: list["Sequence"] = field(default_factory=list)  # choices 1..n-1 waiting on choice 0's prefill
+
+    @property
+    def seq_id(self) -> tuple[str, int]:
+        return (self.request_id, self.index)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.status is SeqStatus.RUNNING and self.num_uncomputed == 1
+
+    def remaining_output_budget(self, max_model_len: int) -> int:
+        """Upper bound on the tokens this sequence may still generate."""
+        by_context = max_model_len - self.num_tokens
+        if self.params.max_tokens is None:
+            return max(by_context, 0)
+        return max(min(self.params.max_tokens - len(self.output_token_ids), by_context), 0)

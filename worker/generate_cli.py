@@ -1,0 +1,50 @@
+"""`radixfleet generate`: offline generation from the command line (handy for smoke tests)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", nargs="*", help="prompts (default: one built-in prompt)")
+    parser.add_argument("--model", default="demo", help="Hugging Face folder or built-in name (default: demo)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+
+def run(args: argparse.Namespace) -> int:
+    from worker.config import ConfigError
+    from worker.llm import LLM
+    from worker.sampling_params import InvalidParameter, SamplingParams
+
+    prompts = args.prompts or ["The quick brown fox"]
+    try:
+        params = SamplingParams(
+            n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        )
+        llm = LLM(args.model, device=args.device)
+    except (InvalidParameter, ConfigError, ValueError) as exc:
+        print(f"radixfleet generate: {exc}", file=sys.stderr)
+        return 2
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    else:
+        outputs = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, outputs):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "choices": [
+                {"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)} for c in out.outputs
+            ]}))
+            continue
+        for c in out.outputs:
+            print(f"--- {prompt!r} [choice {c.index}, {len(c.token_ids)} tokens, {c.finish_reason}]")
+            print(c.text)
+    return 0
