@@ -1,0 +1,327 @@
+"""The router's aiohttp application: endpoints, auth, admin API, lifecycle and graceful drain.
+
+Client endpoints (behind --api-key when set): POST /v1/chat/completions, POST /v1/completions,
+GET /v1/models. Open: GET /health (200 while a worker is routable and the router is not draining),
+GET /metrics. Admin (behind --admin-key; disabled without it): GET/POST/DELETE /workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import time
+
+import aiohttp
+from aiohttp import web
+
+from router.config import RouterConfig
+from router.discovery import DnsDiscovery
+from router.health import CircuitBreaker, HealthMonitor
+from router.metrics import RouterMetrics
+from router.policies import RouteRequest, make_policy
+from router.proxy import Proxy, json_error
+from router.request_parsing import BadRequest, dumps, loads, parse_request
+from router.sessions import SessionTable
+from router.tree import chunk_hashes
+from router.worker_pool import WorkerPool, normalize_url
+
+log = logging.getLogger("radixfleet.router")
+
+STATE_KEY = web.AppKey("router_state", object)
+
+
+class RouterState:
+    """Everything one router process holds (pool, policy, sessions, metrics) and its background tasks."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        config.validate()
+        self.config = config
+        self.pool = WorkerPool(
+            chunk_chars=config.chunk_chars,
+            chars_per_token=config.chars_per_token,
+            default_kv_tokens=config.default_kv_tokens,
+            breaker_factory=lambda: CircuitBreaker(config.failure_threshold, config.breaker_cooldown_s),
+        )
+        for url in config.worker_urls:
+            self.pool.add(url, source="static")
+        self.sessions = SessionTable(config.session_ttl_s, config.max_sessions)
+        self.policy = make_policy(
+            config.policy,
+            cache_threshold=config.cache_threshold,
+            balance_abs=config.balance_abs_threshold,
+            balance_rel=config.balance_rel_threshold,
+            request_cost_tokens=config.request_cost_tokens,
+            sessions=self.sessions,
+        )
+        self.metrics = RouterMetrics()
+        self.draining = False
+        self.active_requests = 0
+        self.session: aiohttp.ClientSession | None = None
+        self.proxy: Proxy | None = None
+        self.monitor: HealthMonitor | None = None
+        self.discovery: DnsDiscovery | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=60)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self.proxy = Proxy(self, self.session)
+        self.monitor = HealthMonitor(self.pool, self.session, self.config.health_interval_s,
+                                     self.config.health_timeout_s)
+        await self.monitor.check_all()  # know who is up before the first request
+        self.monitor.start()
+        if self.config.worker_dns:
+            self.discovery = DnsDiscovery(self, self.config.worker_dns, self.config.dns_interval_s,
+                                          self.config.worker_scheme)
+            await self.discovery.refresh()
+            self.discovery.start()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._expire_sessions()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.monitor is not None:
+            await self.monitor.stop()
+        if self.session is not None:
+            await self.session.close()
+
+    async def _expire_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(30)
+            self.sessions.expire()
+
+    def add_worker(self, url: str, source: str):
+        worker = self.pool.add(url, source)
+        if self.monitor is not None:  # check it at once rather than at the next poll
+            asyncio.get_running_loop().create_task(self.monitor.check(worker))
+        return worker
+
+    def remove_worker(self, url: str):
+        worker = self.pool.remove(url)
+        if worker is not None:
+            self.policy.forget_worker(worker)
+        return worker
+
+
+def _bearer(request: web.Request) -> str | None:
+    value = request.headers.get("Authorization")
+    if not value or not value.startswith("Bearer "):
+        return None
+    return value[7:].strip()
+
+
+def _key_matches(provided: str | None, expected: str) -> bool:
+    if provided is None:
+        return False
+    return hmac.compare_digest(provided.encode(), expected.encode())
+
+
+def _unauthorized(message: str) -> web.Response:
+    return json_error(401, message, "invalid_request_error", code="invalid_api_key")
+
+
+def _client_auth_error(state: RouterState, request: web.Request) -> web.Response | None:
+    key = state.config.api_key
+    if key is None or _key_matches(_bearer(request), key):
+        return None
+    return _unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+
+
+def _admin_auth_error(state: RouterState, request: web.Request) -> web.Response | None:
+    key = state.config.admin_key
+    if key is None:
+        return json_error(403, "the admin API is disabled: start the router with --admin-key", code="admin_disabled")
+    if _key_matches(_bearer(request), key):
+        return None
+    return _unauthorized("missing or invalid admin key: send 'Authorization: Bearer <admin key>'")
+
+
+def _generation_handler(path: str, kind: str, endpoint: str):
+    async def handler(request: web.Request) -> web.StreamResponse:
+        state: RouterState = request.app[STATE_KEY]
+        denied = _client_auth_error(state, request)
+        if denied is not None:
+            return denied
+        if state.draining:
+            return json_error(503, "the router is shutting down; retry on another replica", "server_error",
+                              code="draining")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            state.metrics.errors["too_large"] += 1
+            return json_error(413, f"request body is larger than the limit of {state.config.max_body_bytes} "
+                                   f"bytes", code="request_too_large")
+        config = state.config
+        try:
+            parsed = parse_request(raw, kind, request.headers.get(config.session_header))
+        except BadRequest as exc:
+            state.metrics.errors["bad_request"] += 1
+            state.metrics.responses[f"{exc.status // 100}xx"] += 1
+            return json_error(exc.status, exc.message, param=exc.param, code=exc.code)
+        text = parsed.routing_text
+        hashes = chunk_hashes(text, config.chunk_chars) if state.policy.uses_tree else []
+        route = RouteRequest(hashes, len(text), parsed.session_key, config.chars_per_token)
+        state.active_requests += 1
+        try:
+            return await state.proxy.forward(request, path, raw, route, parsed.stream, endpoint)
+        finally:
+            state.active_requests -= 1
+
+    return handler
+
+
+async def models_handler(request: web.Request) -> web.Response:
+    state: RouterState = request.app[STATE_KEY]
+    denied = _client_auth_error(state, request)
+    if denied is not None:
+        return denied
+    return await state.proxy.forward_get("/v1/models")
+
+
+async def health_handler(request: web.Request) -> web.Response:
+    state: RouterState = request.app[STATE_KEY]
+    now = time.monotonic()
+    healthy = sum(1 for w in state.pool if w.routable(now))
+    if state.draining:
+        return web.json_response({"status": "draining", "healthy_workers": healthy}, status=503)
+    if healthy == 0:
+        return web.json_response({"status": "no healthy worker", "healthy_workers": 0}, status=503)
+    return web.json_response({"status": "ok", "healthy_workers": healthy})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    state: RouterState = request.app[STATE_KEY]
+    text = state.metrics.render(state.pool, time.monotonic(), state.draining, len(state.sessions))
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def _admin_url(request: web.Request) -> str:
+    """The worker url of a POST/DELETE /workers call: JSON body {"url": ...} or ?url=..."""
+    url = request.query.get("url")
+    if url is None:
+        raw = await request.read()
+        try:
+            body = loads(raw) if raw else {}
+        except ValueError:
+            raise BadRequest("body must be JSON like {\"url\": \"http://host:port\"}") from None
+        url = body.get("url") if isinstance(body, dict) else None
+    if not isinstance(url, str):
+        raise BadRequest("missing 'url': send {\"url\": \"http://host:port\"}", param="url")
+    try:
+        return normalize_url(url)
+    except ValueError as exc:
+        raise BadRequest(str(exc), param="url") from None
+
+
+async def workers_get(request: web.Request) -> web.Response:
+    state: RouterState = request.app[STATE_KEY]
+    denied = _admin_auth_error(state, request)
+    if denied is not None:
+        return denied
+    now = time.monotonic()
+    body = {"policy": state.policy.name, "workers": [w.describe(now) for w in state.pool]}
+    return web.Response(body=dumps(body), content_type="application/json")
+
+
+async def workers_post(request: web.Request) -> web.Response:
+    state: RouterState = request.app[STATE_KEY]
+    denied = _admin_auth_error(state, request)
+    if denied is not None:
+        return denied
+    try:
+        url = await _admin_url(request)
+    except BadRequest as exc:
+        return json_error(400, exc.message, param=exc.param)
+    existed = url in state.pool
+    worker = state.add_worker(url, source="admin")
+    log.info("worker %s added (%s)", worker.worker_id, "already present" if existed else "new")
+    return web.Response(status=200 if existed else 201, body=dumps({"id": worker.worker_id, "url": url}),
+                        content_type="application/json")
+
+
+async def workers_delete(request: web.Request) -> web.Response:
+    state: RouterState = request.app[STATE_KEY]
+    denied = _admin_auth_error(state, request)
+    if denied is not None:
+        return denied
+    try:
+        url = await _admin_url(request)
+    except BadRequest as exc:
+        return json_error(400, exc.message, param=exc.param)
+    worker = state.remove_worker(url)
+    if worker is None:
+        return json_error(404, f"no worker with url {url}", param="url", code="worker_not_found")
+    log.info("worker %s removed", worker.worker_id)
+    return web.Response(body=dumps({"id": worker.worker_id, "removed": True}), content_type="application/json")
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return json_error(404, f"unknown endpoint {request.method} {request.path}", code="not_found")
+
+
+def build_app(config: RouterConfig) -> web.Application:
+    """The aiohttp application. Its startup connects to the workers; cleanup closes everything."""
+    state = RouterState(config)
+    app = web.Application(client_max_size=config.max_body_bytes, handler_args={"max_field_size": 16384})
+    app[STATE_KEY] = state
+    app.router.add_post("/v1/chat/completions", _generation_handler("/v1/chat/completions", "chat", "chat"))
+    app.router.add_post("/v1/completions", _generation_handler("/v1/completions", "completion", "completions"))
+    app.router.add_get("/v1/models", models_handler)
+    app.router.add_get("/health", health_handler)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/workers", workers_get)
+    app.router.add_post("/workers", workers_post)
+    app.router.add_delete("/workers", workers_delete)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+
+    async def on_startup(_app: web.Application) -> None:
+        await state.start()
+
+    async def on_cleanup(_app: web.Application) -> None:
+        await state.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def serve(config: RouterConfig, ready: asyncio.Event | None = None) -> None:
+    """Run the router until SIGTERM/SIGINT, then drain: stop accepting, finish in-flight, exit."""
+    app = build_app(config)
+    state: RouterState = app[STATE_KEY]
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.drain_timeout_s)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread / Windows
+            pass
+    log.info("router listening on http://%s:%d (policy %s, %d workers)", config.host, config.port,
+             config.policy, len(state.pool))
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    await drain(state, site, config.drain_timeout_s)
+    await runner.cleanup()
+
+
+async def drain(state: RouterState, site: web.BaseSite | None, timeout_s: float) -> None:
+    """Refuse new work, stop listening, and wait (bounded) for in-flight requests to finish."""
+    state.draining = True
+    log.info("draining: %d requests in flight", state.active_requests)
+    if site is not None:
+        await site.stop()
+    deadline = time.monotonic() + timeout_s
+    while state.active_requests > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if state.active_requests:
+        log.warning("drain timeout: %d requests still in flight are cut", state.active_requests)

@@ -1,0 +1,74 @@
+"""RouterConfig: every router setting in one place, with the CLI defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from router.policies import (
+    DEFAULT_BALANCE_ABS,
+    DEFAULT_BALANCE_REL,
+    DEFAULT_CACHE_THRESHOLD,
+    DEFAULT_REQUEST_COST_TOKENS,
+    POLICY_NAMES,
+)
+from router.tree import DEFAULT_CHARS_PER_TOKEN, DEFAULT_CHUNK_CHARS
+from router.worker_pool import DEFAULT_KV_TOKENS
+
+
+@dataclass
+class RouterConfig:
+    worker_urls: list[str] = field(default_factory=list)
+    host: str = "0.0.0.0"
+    port: int = 8000
+    policy: str = "cache_aware"
+    # cache_aware
+    cache_threshold: float = DEFAULT_CACHE_THRESHOLD
+    balance_abs_threshold: int = DEFAULT_BALANCE_ABS
+    balance_rel_threshold: float = DEFAULT_BALANCE_REL
+    request_cost_tokens: float = DEFAULT_REQUEST_COST_TOKENS
+    chunk_chars: int = DEFAULT_CHUNK_CHARS
+    chars_per_token: float = DEFAULT_CHARS_PER_TOKEN
+    default_kv_tokens: int = DEFAULT_KV_TOKENS
+    # sessions
+    session_header: str = "X-Session-ID"
+    session_ttl_s: float = 1800.0
+    max_sessions: int = 100_000
+    # serving
+    max_retries: int = 2
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 600.0  # longest silence allowed from a worker (first byte included)
+    max_body_bytes: int = 32 * 1024 * 1024
+    health_interval_s: float = 1.0
+    health_timeout_s: float = 2.0
+    failure_threshold: int = 3
+    breaker_cooldown_s: float = 2.0
+    drain_timeout_s: float = 30.0
+    # security
+    api_key: str | None = None
+    admin_key: str | None = None
+    # discovery
+    worker_dns: str | None = None  # "hostname:port"
+    dns_interval_s: float = 5.0
+    worker_scheme: str = "http"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad setting and how to fix it."""
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"--policy {self.policy!r} is unknown: choose one of {', '.join(POLICY_NAMES)}")
+        if not self.worker_urls and not self.worker_dns and self.admin_key is None:
+            raise ValueError("no workers: give --worker-urls URL... and/or --worker-dns HOST:PORT, "
+                             "or --admin-key to add them later with POST /workers")
+        if not 0 <= self.cache_threshold <= 1:
+            raise ValueError("--cache-threshold must be between 0 and 1")
+        if self.balance_abs_threshold < 0 or self.balance_rel_threshold < 1:
+            raise ValueError("--balance-abs-threshold must be >= 0 and --balance-rel-threshold >= 1")
+        if self.max_retries < 0:
+            raise ValueError("--max-retries must be >= 0")
+        if self.max_body_bytes < 1024:
+            raise ValueError("--max-body-bytes must be at least 1024")
+        if self.worker_dns is not None:
+            host, _, port = self.worker_dns.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"--worker-dns {self.worker_dns!r} must be HOST:PORT, e.g. worker:8000")
+        if not self.session_header:
+            raise ValueError("--session-header must not be empty")

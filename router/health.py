@@ -1,0 +1,138 @@
+"""Worker health: a per-worker circuit breaker (pure) and the active poller of /health and /load (I/O).
+
+Passive detection: the proxy reports each failed attempt (connection refused, timeout, 5xx before
+the first byte) to the breaker. Active detection: the monitor polls every worker's /health and
+/load; a poll is one more success or failure, and /load refreshes the worker's load and KV capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import aiohttp
+
+    from router.worker_pool import WorkerPool, WorkerState
+
+log = logging.getLogger("radixfleet.router.health")
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+class CircuitBreaker:
+    """Closed -> (failures in a row) -> open for a cooldown -> half-open -> closed on a success.
+
+    A failure while half-open reopens with a doubled cooldown (capped), so a flapping worker is
+    probed less and less often. A hard failure (connection refused) opens at once.
+    """
+
+    __slots__ = ("failure_threshold", "base_cooldown_s", "max_cooldown_s", "_failures", "_open_until",
+                 "_cooldown_s", "_opened")
+
+    def __init__(self, failure_threshold: int = 3, base_cooldown_s: float = 2.0,
+                 max_cooldown_s: float = 30.0) -> None:
+        if failure_threshold < 1:
+            raise ValueError("failure_threshold must be >= 1")
+        self.failure_threshold = failure_threshold
+        self.base_cooldown_s = base_cooldown_s
+        self.max_cooldown_s = max_cooldown_s
+        self._failures = 0
+        self._open_until = 0.0
+        self._cooldown_s = base_cooldown_s
+        self._opened = False
+
+    def state(self, now: float) -> str:
+        if not self._opened:
+            return CLOSED
+        return OPEN if now < self._open_until else HALF_OPEN
+
+    def allows(self, now: float) -> bool:
+        """May requests be routed to this worker now? (Half-open lets traffic probe it.)"""
+        return not self._opened or now >= self._open_until
+
+    def record_success(self) -> None:
+        self._failures = 0
+        self._opened = False
+        self._cooldown_s = self.base_cooldown_s
+
+    def record_failure(self, now: float, hard: bool = False) -> None:
+        if self._opened and now < self._open_until:
+            return  # already open: stray failures of requests sent earlier change nothing
+        self._failures += 1
+        half_open = self._opened  # opened earlier and the cooldown has run out: this was the probe
+        if hard or half_open or self._failures >= self.failure_threshold:
+            if half_open:
+                self._cooldown_s = min(self._cooldown_s * 2, self.max_cooldown_s)
+            self._opened = True
+            self._open_until = now + self._cooldown_s
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._failures
+
+
+class HealthMonitor:
+    """Polls every worker's /health and /load every `interval_s` seconds."""
+
+    def __init__(self, pool: "WorkerPool", session: "aiohttp.ClientSession", interval_s: float = 1.0,
+                 timeout_s: float = 2.0) -> None:
+        self.pool = pool
+        self.session = session
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            await self.check_all()
+            await asyncio.sleep(self.interval_s)
+
+    async def check_all(self) -> None:
+        workers = list(self.pool)
+        if workers:
+            await asyncio.gather(*(self.check(w) for w in workers), return_exceptions=True)
+
+    async def check(self, worker: "WorkerState") -> bool:
+        """Poll one worker; update its breaker, load report and tree capacity. Returns healthy."""
+        import aiohttp
+
+        from router.worker_pool import LoadReport
+
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        now = time.monotonic()
+        try:
+            async with self.session.get(worker.url + "/health", timeout=timeout) as resp:
+                await resp.read()
+                healthy = resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            refused = isinstance(exc, aiohttp.ClientConnectorError)
+            worker.breaker.record_failure(now, hard=refused)
+            return False
+        if not healthy:  # 503: loading or draining. Not routable until it says ready.
+            worker.breaker.record_failure(now, hard=True)
+            return False
+        worker.breaker.record_success()
+        try:
+            async with self.session.get(worker.url + "/load", timeout=timeout) as resp:
+                if resp.status == 200:
+                    report = LoadReport.from_json(await resp.json(content_type=None))
+                    worker.report = report
+                    if report.kv_tokens_total > 0 and report.kv_tokens_total != worker.tree.capacity_tokens:
+                        worker.tree.set_capacity(report.kv_tokens_total)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            log.debug("load poll of %s failed: %s", worker.worker_id, exc)
+        return True

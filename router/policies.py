@@ -1,0 +1,328 @@
+"""Routing policies: pure objects that pick a worker for a request. No I/O; time and randomness injected.
+
+Every policy gets the routable workers (healthy, not excluded by a retry) and a `RouteRequest`, and
+returns a `Decision` naming the worker and the reason (exported as a metric label).
+
+cache_aware, the default, in order:
+1. A session pin wins unless its worker is not routable or above the high watermark.
+2. Load imbalance (max - min in-flight > balance_abs AND max > balance_rel * min; entered at those
+   thresholds and left only below half of them: hysteresis) -> least loaded (longest match breaks ties).
+3. Best predicted match ratio below cache_threshold -> a cache miss: least loaded, ties broken by the
+   fewest requests ever sent, so misses never herd onto one worker.
+4. Otherwise every worker is scored `saved prefill tokens - queue it joins` (queue: outstanding
+   uncached prompt tokens + request_cost_tokens per in-flight request). A worker holding a shared
+   system prompt wins only while the prefill it saves is worth more than its extra queue, and equally
+   good matches go to the least loaded. This is the failure SGLang-router users report (one worker
+   holding the shared system prompt takes all traffic until a 64-request gap opens), avoided.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from dataclasses import dataclass
+from typing import Sequence
+
+import xxhash
+
+from router.sessions import SessionTable
+from router.worker_pool import WorkerState
+
+# SGLang router defaults: a starting point, changed only where measurement says so.
+DEFAULT_CACHE_THRESHOLD = 0.3
+DEFAULT_BALANCE_ABS = 64
+DEFAULT_BALANCE_REL = 1.5
+# What one in-flight request costs a newcomer, in prefill-token equivalents (see module docstring).
+DEFAULT_REQUEST_COST_TOKENS = 32
+
+
+@dataclass(slots=True)
+class RouteRequest:
+    """What a policy sees of a request."""
+
+    hashes: list[int]  # chunk-prefix names of the routing text (router.tree.chunk_hashes)
+    text_chars: int
+    session_key: str | None = None
+    chars_per_token: float = 4.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.text_chars / self.chars_per_token)
+
+
+@dataclass(slots=True)
+class Decision:
+    worker: WorkerState
+    reason: str
+    match_chars: int = 0  # predicted cached prefix on the chosen worker
+    match_ratio: float = 0.0
+
+
+class NoWorkerAvailable(Exception):
+    """No routable worker: every worker is unhealthy, removed, or already tried."""
+
+
+def _least_loaded(workers: Sequence[WorkerState], rotation: int = 0) -> WorkerState:
+    """Lowest load; ties go to the worker sent the fewest requests, then rotate (no fixed favourite)."""
+    n = len(workers)
+    best = None
+    best_key = None
+    for i, w in enumerate(workers):
+        key = (w.load, w.outstanding_tokens, w.processed, (i - rotation) % n)
+        if best_key is None or key < best_key:
+            best, best_key = w, key
+    assert best is not None
+    return best
+
+
+class Policy:
+    """Base class. `uses_tree`: whether the router must keep per-worker prefix trees for it."""
+
+    name = "policy"
+    uses_tree = False
+
+    def choose(self, workers: Sequence[WorkerState], request: RouteRequest) -> Decision:
+        raise NotImplementedError
+
+    def forget_worker(self, worker: WorkerState) -> None:
+        """A worker left the pool."""
+
+
+class RoundRobin(Policy):
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, workers, request):
+        if not workers:
+            raise NoWorkerAvailable
+        # Order by id, not by list position, so membership changes do not reshuffle the cycle.
+        ordered = sorted(workers, key=lambda w: (len(w.worker_id), w.worker_id))
+        worker = ordered[self._next % len(ordered)]
+        self._next += 1
+        return Decision(worker, "round_robin")
+
+
+class Random(Policy):
+    name = "random"
+
+    def __init__(self, rng: _random.Random | None = None) -> None:
+        self._rng = rng or _random.Random()
+
+    def choose(self, workers, request):
+        if not workers:
+            raise NoWorkerAvailable
+        return Decision(workers[self._rng.randrange(len(workers))], "random")
+
+
+class PowerOfTwo(Policy):
+    """Sample two workers, take the less loaded (load from /load, or this router's count if higher)."""
+
+    name = "power_of_two"
+
+    def __init__(self, rng: _random.Random | None = None) -> None:
+        self._rng = rng or _random.Random()
+
+    def choose(self, workers, request):
+        if not workers:
+            raise NoWorkerAvailable
+        if len(workers) == 1:
+            return Decision(workers[0], "only_worker")
+        a, b = self._rng.sample(range(len(workers)), 2)
+        wa, wb = workers[a], workers[b]
+        return Decision(wa if (wa.load, wa.processed) <= (wb.load, wb.processed) else wb, "power_of_two")
+
+
+class LeastLoad(Policy):
+    name = "least_load"
+
+    def __init__(self) -> None:
+        self._rotation = 0
+
+    def choose(self, workers, request):
+        if not workers:
+            raise NoWorkerAvailable
+        self._rotation += 1
+        return Decision(_least_loaded(workers, self._rotation), "least_load")
+
+
+class Watermarks:
+    """The balance test shared by the policies, with hysteresis.
+
+    Imbalanced when max - min > abs AND max > rel * min. Once imbalanced, stays so until the gap
+    falls to abs/2 or the ratio to 1 + (rel - 1)/2, so routing does not flap at the boundary.
+    """
+
+    def __init__(self, balance_abs: int = DEFAULT_BALANCE_ABS, balance_rel: float = DEFAULT_BALANCE_REL) -> None:
+        if balance_abs < 0 or balance_rel < 1.0:
+            raise ValueError("balance_abs must be >= 0 and balance_rel >= 1.0")
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+        self.low_abs = balance_abs / 2
+        self.low_rel = 1.0 + (balance_rel - 1.0) / 2
+        self.imbalanced = False
+
+    @staticmethod
+    def _over(load: float, min_load: float, abs_gap: float, rel: float) -> bool:
+        return load - min_load > abs_gap and load > rel * min_load
+
+    def update(self, workers: Sequence[WorkerState]) -> bool:
+        loads = [w.load for w in workers]
+        lo, hi = min(loads), max(loads)
+        if self.imbalanced:
+            self.imbalanced = self._over(hi, lo, self.low_abs, self.low_rel)
+        else:
+            self.imbalanced = self._over(hi, lo, self.balance_abs, self.balance_rel)
+        return self.imbalanced
+
+    def above_high(self, worker: WorkerState, workers: Sequence[WorkerState]) -> bool:
+        """Is this worker far above the least loaded one (a pin must give way)?"""
+        lo = min(w.load for w in workers)
+        return self._over(worker.load, lo, self.balance_abs, self.balance_rel)
+
+
+class SessionAffinity(Policy):
+    """Rendezvous (highest random weight) hashing of the session key over worker urls.
+
+    Stable across router restarts and replicas (depends only on key and urls); when a worker leaves,
+    only its sessions move; when one joins, only the sessions it now wins move. A worker that is not
+    routable or above the high watermark is skipped for the next-highest. No key: least loaded.
+    """
+
+    name = "session"
+
+    def __init__(self, balance_abs: int = DEFAULT_BALANCE_ABS, balance_rel: float = DEFAULT_BALANCE_REL) -> None:
+        self.watermarks = Watermarks(balance_abs, balance_rel)
+        self._rotation = 0
+
+    @staticmethod
+    def weight(session_key: str, url: str) -> int:
+        return xxhash.xxh3_64_intdigest(url.encode(), xxhash.xxh3_64_intdigest(session_key.encode()))
+
+    def choose(self, workers, request):
+        if not workers:
+            raise NoWorkerAvailable
+        key = request.session_key
+        if not key:
+            self._rotation += 1
+            return Decision(_least_loaded(workers, self._rotation), "no_session_key")
+        ranked = sorted(workers, key=lambda w: self.weight(key, w.url), reverse=True)
+        for worker in ranked:
+            if not self.watermarks.above_high(worker, workers):
+                return Decision(worker, "session")
+        return Decision(ranked[0], "session")
+
+
+class CacheAware(Policy):
+    """Longest predicted prefix match, weighed against load. See the module docstring."""
+
+    name = "cache_aware"
+    uses_tree = True
+
+    def __init__(
+        self,
+        cache_threshold: float = DEFAULT_CACHE_THRESHOLD,
+        balance_abs: int = DEFAULT_BALANCE_ABS,
+        balance_rel: float = DEFAULT_BALANCE_REL,
+        request_cost_tokens: float = DEFAULT_REQUEST_COST_TOKENS,
+        sessions: SessionTable | None = None,
+    ) -> None:
+        if not 0.0 <= cache_threshold <= 1.0:
+            raise ValueError(f"cache_threshold must be in [0, 1], got {cache_threshold}")
+        if request_cost_tokens < 0:
+            raise ValueError("request_cost_tokens must be >= 0")
+        self.cache_threshold = cache_threshold
+        self.request_cost_tokens = request_cost_tokens
+        self.watermarks = Watermarks(balance_abs, balance_rel)
+        self.sessions = sessions
+        self._rotation = 0
+
+    def forget_worker(self, worker):
+        if self.sessions is not None:
+            self.sessions.unpin_worker(worker.url)
+
+    def _queue_tokens(self, worker: WorkerState) -> float:
+        return worker.outstanding_tokens + self.request_cost_tokens * worker.load
+
+    def choose(self, workers, request):
+        if not workers:
+            raise NoWorkerAvailable
+        self._rotation += 1
+        hashes = request.hashes
+        text_chars = max(request.text_chars, 1)
+        imbalanced = self.watermarks.update(workers)
+
+        sessions = self.sessions
+        key = request.session_key
+        if sessions is not None and key:
+            pinned_url = sessions.get(key)
+            if pinned_url is not None:
+                for w in workers:
+                    if w.url == pinned_url:
+                        if not self.watermarks.above_high(w, workers):
+                            sessions.pin(key, w.url)  # refresh expiry
+                            chars = w.tree.match_chars(hashes)
+                            return Decision(w, "session", chars, min(1.0, chars / text_chars))
+                        break
+            decision = self._choose_by_cache_and_load(workers, request, imbalanced, text_chars)
+            sessions.pin(key, decision.worker.url)
+            return decision
+        return self._choose_by_cache_and_load(workers, request, imbalanced, text_chars)
+
+    def _choose_by_cache_and_load(self, workers, request, imbalanced, text_chars) -> Decision:
+        hashes = request.hashes
+        matches = [w.tree.match_chars(hashes) for w in workers] if hashes else [0] * len(workers)
+        if len(workers) == 1:
+            return Decision(workers[0], "only_worker", matches[0], min(1.0, matches[0] / text_chars))
+        n = len(workers)
+        if imbalanced:
+            min_load = min(w.load for w in workers)
+            best_i = min(
+                (i for i in range(n) if workers[i].load == min_load),
+                key=lambda i: (-matches[i], workers[i].outstanding_tokens, workers[i].processed,
+                               (i - self._rotation) % n),
+            )
+            return Decision(workers[best_i], "imbalance", matches[best_i], min(1.0, matches[best_i] / text_chars))
+
+        best_match = max(matches)
+        if best_match / text_chars < self.cache_threshold:
+            w = _least_loaded(workers, self._rotation)
+            chars = matches[workers.index(w)]
+            return Decision(w, "cache_miss", chars, min(1.0, chars / text_chars))
+
+        per_token = 1.0 / request.chars_per_token
+        best_i = None
+        best_key = None
+        for i, w in enumerate(workers):
+            score = matches[i] * per_token - self._queue_tokens(w)
+            key = (-score, w.load, w.processed, (i - self._rotation) % n)
+            if best_key is None or key < best_key:
+                best_i, best_key = i, key
+        assert best_i is not None
+        chars = matches[best_i]
+        reason = "cache_hit" if chars == best_match else "load_over_cache"
+        return Decision(workers[best_i], reason, chars, min(1.0, chars / text_chars))
+
+
+POLICY_NAMES = ("cache_aware", "round_robin", "random", "power_of_two", "least_load", "session")
+
+
+def make_policy(name: str, *, cache_threshold: float = DEFAULT_CACHE_THRESHOLD,
+                balance_abs: int = DEFAULT_BALANCE_ABS, balance_rel: float = DEFAULT_BALANCE_REL,
+                request_cost_tokens: float = DEFAULT_REQUEST_COST_TOKENS,
+                sessions: SessionTable | None = None, rng: _random.Random | None = None) -> Policy:
+    """Build a policy by name (the --policy values)."""
+    if name == "cache_aware":
+        return CacheAware(cache_threshold, balance_abs, balance_rel, request_cost_tokens, sessions)
+    if name == "round_robin":
+        return RoundRobin()
+    if name == "random":
+        return Random(rng)
+    if name == "power_of_two":
+        return PowerOfTwo(rng)
+    if name == "least_load":
+        return LeastLoad()
+    if name == "session":
+        return SessionAffinity(balance_abs, balance_rel)
+    raise ValueError(f"unknown policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
+

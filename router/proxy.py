@@ -1,0 +1,241 @@
+"""Forward one request to a worker chosen by the policy; stream the answer back byte for byte.
+
+Retry rule: an attempt that fails before the client has received any byte (connection refused,
+timeout, 5xx, a stream that ends before its first chunk) is retried on another worker, at most
+`max_retries` times. Once a byte has gone to the client, a failure ends the stream with a clean SSE
+error event instead. The worker's load count drops when its response ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from router.policies import Decision, NoWorkerAvailable, RouteRequest
+from router.request_parsing import dumps, error_body
+
+if TYPE_CHECKING:  # pragma: no cover
+    from router.app import RouterState
+    from router.worker_pool import WorkerState
+
+log = logging.getLogger("radixfleet.router.proxy")
+
+# Sent to workers: the body is passed through untouched, so ask for it uncompressed.
+_UPSTREAM_HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+_PASSTHROUGH_REQUEST_HEADERS = ("X-Request-ID", "traceparent")
+WORKER_HEADER = "X-Radixfleet-Worker"
+
+
+class _AttemptFailed(Exception):
+    """This worker failed before the first byte reached the client; try another."""
+
+    def __init__(self, reason: str, hard: bool = False, response: tuple[int, bytes, str] | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.hard = hard
+        self.response = response  # the worker's own error answer, used if no retry is left
+
+
+def json_error(status: int, message: str, err_type: str = "invalid_request_error",
+               param: str | None = None, code: str | None = None) -> web.Response:
+    return web.Response(status=status, body=error_body(message, err_type, param, code),
+                        content_type="application/json")
+
+
+def _sse_error_event(message: str) -> bytes:
+    event = dumps({"error": {"message": message, "type": "server_error", "param": None, "code": "worker_failed"}})
+    return b"data: " + event + b"\n\n"
+
+
+class Proxy:
+    def __init__(self, state: "RouterState", session: aiohttp.ClientSession) -> None:
+        self.state = state
+        self.session = session
+        cfg = state.config
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s,
+                                             sock_connect=cfg.connect_timeout_s,
+                                             sock_read=cfg.read_timeout_s)
+
+    def _upstream_headers(self, request: web.Request) -> dict[str, str]:
+        headers = _UPSTREAM_HEADERS
+        extra = None
+        for name in _PASSTHROUGH_REQUEST_HEADERS:
+            value = request.headers.get(name)
+            if value is not None:
+                if extra is None:
+                    extra = dict(headers)
+                extra[name] = value
+        return extra or headers
+
+    async def forward(self, request: web.Request, path: str, raw: bytes, route: RouteRequest,
+                      stream: bool, endpoint: str) -> web.StreamResponse:
+        """Route and forward a generation request, retrying before the first byte."""
+        state = self.state
+        metrics = state.metrics
+        policy = state.policy
+        headers = self._upstream_headers(request)
+        tried: list["WorkerState"] = []
+        last_failure: _AttemptFailed | None = None
+        for attempt in range(state.config.max_retries + 1):
+            workers = state.pool.routable(time.monotonic(), tried)
+            if not workers:
+                break
+            try:
+                decision = policy.choose(workers, route)
+            except NoWorkerAvailable:
+                break
+            worker = decision.worker
+            self._record_decision(decision, route, endpoint)
+            if attempt:
+                metrics.retries += 1
+            uncached = max(0, int((route.text_chars - decision.match_chars) / route.chars_per_token))
+            worker.on_dispatch(uncached)
+            try:
+                return await self._attempt(request, worker, path, raw, headers, stream, uncached)
+            except _AttemptFailed as failure:
+                last_failure = failure
+                tried.append(worker)
+                worker.breaker.record_failure(time.monotonic(), hard=failure.hard)
+                log.warning("worker %s failed before first byte (%s); %s", worker.worker_id, failure.reason,
+                            "retrying" if attempt < state.config.max_retries else "no retries left")
+            finally:
+                worker.on_finish()
+        if last_failure is not None and last_failure.response is not None:
+            status, body, content_type = last_failure.response
+            metrics.errors["upstream"] += 1
+            return web.Response(status=status, body=body, content_type=content_type)
+        if last_failure is not None:
+            metrics.errors["upstream"] += 1
+            return json_error(502, f"the worker failed and no other worker could serve the request "
+                                   f"({last_failure.reason})", "server_error", code="worker_failed")
+        metrics.errors["no_worker"] += 1
+        return json_error(503, "no healthy worker is available; retry shortly", "server_error",
+                          code="no_healthy_worker")
+
+    def _record_decision(self, decision: Decision, route: RouteRequest, endpoint: str) -> None:
+        state = self.state
+        metrics = state.metrics
+        worker = decision.worker
+        metrics.decisions[(state.policy.name, decision.reason)] += 1
+        metrics.requests[(worker.worker_id, endpoint)] += 1
+        if state.policy.uses_tree:
+            metrics.observe_match_ratio(decision.match_ratio)
+            # The worker will hold this prompt after prefilling it: record it now, at dispatch.
+            worker.tree.insert(route.hashes)
+
+    async def _attempt(self, request: web.Request, worker: "WorkerState", path: str, raw: bytes,
+                       headers: dict, stream: bool, uncached: int) -> web.StreamResponse:
+        try:
+            upstream = await self.session.post(worker.url + path, data=raw, headers=headers,
+                                               timeout=self.timeout)
+        except aiohttp.ClientConnectorError as exc:
+            raise _AttemptFailed(f"cannot connect: {exc.os_error.__class__.__name__}", hard=True) from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise _AttemptFailed(f"{exc.__class__.__name__}") from None
+        try:
+            status = upstream.status
+            content_type = upstream.headers.get("Content-Type", "application/json")
+            if status >= 500:
+                try:
+                    body = await upstream.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    body = error_body(f"worker answered {status}", "server_error")
+                raise _AttemptFailed(f"status {status}", response=(status, body, content_type.split(";")[0]))
+            if not stream or status != 200:
+                try:
+                    body = await upstream.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    raise _AttemptFailed(f"{exc.__class__.__name__} while reading the answer") from None
+                worker.on_first_byte(uncached)
+                worker.breaker.record_success()
+                self.state.metrics.responses[f"{status // 100}xx"] += 1
+                response = web.Response(status=status, body=body)
+                response.headers["Content-Type"] = content_type
+                response.headers[WORKER_HEADER] = worker.worker_id
+                return response
+            return await self._pipe_stream(request, worker, upstream, content_type, uncached)
+        finally:
+            upstream.release()
+
+    async def _pipe_stream(self, request: web.Request, worker: "WorkerState",
+                           upstream: aiohttp.ClientResponse, content_type: str,
+                           uncached: int) -> web.StreamResponse:
+        content = upstream.content
+        # Hold the client response until the worker's first chunk: until then a failure can still be retried.
+        try:
+            first = await content.readany()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise _AttemptFailed(f"{exc.__class__.__name__} before the first chunk") from None
+        if not first:
+            raise _AttemptFailed("stream ended before its first chunk")
+        worker.on_first_byte(uncached)
+        worker.breaker.record_success()
+        response = web.StreamResponse(status=upstream.status)
+        response.headers["Content-Type"] = content_type
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"
+        response.headers[WORKER_HEADER] = worker.worker_id
+        self.state.metrics.responses["2xx"] += 1
+        try:
+            await response.prepare(request)
+            await response.write(first)
+        except (ConnectionError, aiohttp.ClientError):
+            upstream.close()  # client left: drop the worker connection so it stops generating
+            return response
+        while True:
+            try:
+                chunk = await content.readany()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                # The worker failed mid-stream: the client already has bytes, so end with a clean error event.
+                self.state.metrics.errors["mid_stream"] += 1
+                worker.breaker.record_failure(time.monotonic())
+                log.warning("worker %s failed mid-stream: %s", worker.worker_id, exc.__class__.__name__)
+                chunk = (_sse_error_event("the worker serving this stream failed; retry the request")
+                         + b"data: [DONE]\n\n")
+                try:
+                    await response.write(chunk)
+                except (ConnectionError, aiohttp.ClientError):
+                    return response
+                break
+            if not chunk:
+                break
+            try:
+                await response.write(chunk)
+            except (ConnectionError, aiohttp.ClientError):
+                upstream.close()  # client left: drop the worker connection so it stops generating
+                self.state.metrics.errors["client_disconnect"] += 1
+                return response
+        try:
+            await response.write_eof()
+        except (ConnectionError, aiohttp.ClientError):
+            pass
+        return response
+
+    async def forward_get(self, path: str) -> web.Response:
+        """GET passthrough (e.g. /v1/models) to any routable worker, retrying on failure."""
+        tried: list["WorkerState"] = []
+        for _ in range(self.state.config.max_retries + 1):
+            workers = self.state.pool.routable(time.monotonic(), tried)
+            if not workers:
+                break
+            worker = min(workers, key=lambda w: (w.load, w.processed))
+            tried.append(worker)
+            try:
+                async with self.session.get(worker.url + path, timeout=self.timeout,
+                                            headers={"Accept-Encoding": "identity"}) as upstream:
+                    body = await upstream.read()
+                    if upstream.status >= 500:
+                        continue
+                    return web.Response(status=upstream.status, body=body,
+                                        content_type=upstream.headers.get("Content-Type", "application/json")
+                                        .split(";")[0])
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                worker.breaker.record_failure(time.monotonic())
+                continue
+        return json_error(503, "no healthy worker is available; retry shortly", "server_error",
+                          code="no_healthy_worker")
