@@ -150,7 +150,9 @@ def load_weights(
         if name not in layout and name != "lm_head.weight" and not name.endswith(_IGNORED_SUFFIXES)
     ]
     if unexpected:
-        logger.warning("ignoring %d checkpoint tensor(s) the model does not use, e.g. %s", len(unexpected), unexpected[:3])
+        logger.warning(
+            "ignoring %d checkpoint tensor(s) the model does not use, e.g. %s", len(unexpected), unexpected[:3]
+        )
 
     params = dict(model.named_parameters())
     by_file: dict[Path, list[str]] = {}
