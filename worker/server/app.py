@@ -1,0 +1,133 @@
+"""The aiohttp application: routes, the error middleware, and the small endpoints.
+
+Generation endpoints live in `chat.py` and `completions.py`; this module serves `/v1/models`,
+`/health`, `/load`, `/metrics`, `/tokenize` and `/detokenize`, and turns every error into an
+OpenAI error object (never an HTML page, never a 500 for bad input).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from worker.server.chat import chat_completions
+from worker.server.completions import completions
+from worker.server.context import CTX_KEY, ServerContext, read_json
+from worker.server.errors import ApiError, internal_error
+from worker.server.metrics import CONTENT_TYPE
+from worker.server.protocol import parse_detokenize_request, parse_tokenize_request
+from worker.server.streaming import json_response
+
+log = logging.getLogger("radixfleet.worker")
+
+MAX_BODY_BYTES = 64 * 1024 * 1024  # long prompts as JSON token-id arrays get big
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return error.response()
+    except web.HTTPException as error:  # aiohttp's own 404 / 405 / 413, as OpenAI error objects
+        if error.status < 400:
+            raise
+        message = {404: f"Not found: {request.method} {request.path}",
+                   405: f"Method {request.method} not allowed on {request.path}",
+                   413: "The request body is too large."}.get(error.status, error.reason)
+        return ApiError(error.status, message, code=error.reason.lower().replace(" ", "_")).response()
+    except Exception as error:  # noqa: BLE001 - a bug: answer 500 with a message, keep serving
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return internal_error(f"Internal error: {type(error).__name__}: {error}").response()
+
+
+@web.middleware
+async def track_active(request: web.Request, handler):
+    """Count generation requests in flight, so a shutdown can wait for them to finish."""
+    if request.method != "POST" or not request.path.startswith("/v1/"):
+        return await handler(request)
+    ctx: ServerContext = request.app[CTX_KEY]
+    ctx.active_handlers += 1
+    try:
+        return await handler(request)
+    finally:
+        ctx.active_handlers -= 1
+
+
+async def models(request: web.Request) -> web.Response:
+    ctx: ServerContext = request.app[CTX_KEY]
+    data = [
+        {"id": name, "object": "model", "created": ctx.created, "owned_by": "radixfleet",
+         "root": ctx.client.info.model_name, "max_model_len": ctx.max_model_len}
+        for name in ctx.served_model_names
+    ]
+    return json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 only while the engine process is alive and this worker accepts requests."""
+    ctx: ServerContext = request.app[CTX_KEY]
+    if ctx.draining:
+        return json_response({"status": "shutting down"}, status=503)
+    if not ctx.client.healthy:
+        return json_response({"status": "unhealthy", "reason": ctx.client.dead_reason}, status=503)
+    return json_response({"status": "ok"})
+
+
+async def load(request: web.Request) -> web.Response:
+    """The figures the router balances on (these exact keys)."""
+    ctx: ServerContext = request.app[CTX_KEY]
+    stats = ctx.client.stats
+    if stats is None:
+        raise ApiError(503, "no engine statistics yet", type="server_error", code="engine_unavailable")
+    return json_response({
+        "running": stats.num_running,
+        "waiting": stats.num_waiting,
+        "kv_tokens_used": stats.kv_tokens_used,
+        "kv_tokens_total": stats.kv_tokens_total,
+        "cache_hit_tokens": stats.cache_hit_tokens,
+        "cache_query_tokens": stats.cache_query_tokens,
+        "num_preemptions": stats.num_preemptions,
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx: ServerContext = request.app[CTX_KEY]
+    return web.Response(body=ctx.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    ctx: ServerContext = request.app[CTX_KEY]
+    body = parse_tokenize_request(await read_json(request))
+    ctx.check_model(body.model)
+    if body.messages is not None:
+        text = ctx.render_chat(body.messages, body.tools, body.add_generation_prompt)
+    else:
+        text = body.prompt
+    tokens = ctx.encode(text, add_special_tokens=body.add_special_tokens)
+    return json_response({"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    ctx: ServerContext = request.app[CTX_KEY]
+    body = parse_detokenize_request(await read_json(request))
+    ctx.check_model(body.model)
+    vocab = getattr(ctx.tokenizer, "vocab_size", None)
+    if vocab and any(t >= vocab for t in body.tokens):
+        raise ApiError(400, f"token ids must be below the vocabulary size {vocab}.", param="tokens")
+    return json_response({"prompt": ctx.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+
+
+def build_app(ctx: ServerContext) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, track_active], client_max_size=MAX_BODY_BYTES)
+    app[CTX_KEY] = ctx
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/load", load)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    return app

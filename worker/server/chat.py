@@ -1,0 +1,105 @@
+"""POST /v1/chat/completions: messages -> chat template -> tokens -> engine -> chat completion (or chunks)."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from worker.server.context import CTX_KEY, ServerContext, new_response_id, read_json, usage
+from worker.server.errors import ApiError
+from worker.server.generation import ChoiceUpdate, Generation
+from worker.server.logprobs import chat_logprobs
+from worker.server.protocol import ChatRequest, parse_chat_request
+from worker.server.streaming import ClientGone, SSEWriter, json_response
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    ctx: ServerContext = request.app[CTX_KEY]
+    body = await read_json(request)
+    chat = parse_chat_request(body)
+    ctx.check_model(chat.model)
+    ctx.check_serving()
+    prompt = ctx.render_chat(chat.messages, chat.tools, chat.add_generation_prompt)
+    # The template writes the BOS and other special tokens itself.
+    prompt_ids = ctx.encode(prompt, add_special_tokens=False)
+    max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    ctx.check_lengths(prompt_ids, chat.params, "messages", max_name)
+    ctx.check_capacity()
+    generation = ctx.new_generation(prompt_ids, chat.params)
+    generation.start()
+    try:
+        first = await generation.first_updates()  # raises ApiError when the engine refuses the request
+        if chat.stream:
+            return await _stream(request, ctx, chat, generation, first)
+        return _complete(ctx, chat, generation, first + await generation.run_to_end())
+    finally:
+        generation.abort()  # no-op when it finished; frees the KV of a client that left
+
+
+def _complete(ctx: ServerContext, chat: ChatRequest, generation: Generation, updates: list[ChoiceUpdate]) -> web.Response:
+    totals = [ChoiceUpdate(i) for i in range(chat.params.n)]
+    for update in updates:
+        totals[update.index].merge(update)
+    choices = []
+    for total in totals:
+        choices.append({
+            "index": total.index,
+            "message": {"role": "assistant", "content": total.text},
+            "logprobs": chat_logprobs(total.logprobs or [], ctx.token_texts) if chat.logprobs else None,
+            "finish_reason": total.finish_reason,
+            "stop_reason": total.stop_reason,
+        })
+    return json_response({
+        "id": new_response_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": ctx.model_name,
+        "choices": choices,
+        "usage": usage(generation.num_prompt_tokens, generation.num_completion_tokens, generation.num_cached_tokens),
+    })
+
+
+async def _stream(request: web.Request, ctx: ServerContext, chat: ChatRequest, generation: Generation,
+                  first: list[ChoiceUpdate]) -> web.StreamResponse:
+    writer = SSEWriter(request)
+    header = {
+        "id": new_response_id("chatcmpl"),
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": ctx.model_name,
+    }
+    if chat.include_usage:
+        header["usage"] = None  # as OpenAI: every chunk has "usage", null but in the last one
+
+    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
+        return {**header, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                       "finish_reason": finish_reason}]}
+
+    def chunks(updates: list[ChoiceUpdate]) -> list[dict]:
+        events = []
+        for update in updates:
+            logprobs = chat_logprobs(update.logprobs, ctx.token_texts) if chat.logprobs and update.logprobs else None
+            if update.text or logprobs or update.finish_reason:
+                delta = {"content": update.text} if update.text else {}
+                events.append(chunk(update.index, delta, logprobs, update.finish_reason))
+        return events
+
+    try:
+        await writer.prepare()
+        roles = [chunk(i, {"role": "assistant", "content": ""}) for i in range(chat.params.n)]
+        await writer.send(roles + chunks(first))
+        try:
+            async for updates in generation.updates():
+                await writer.send(chunks(updates))
+        except ApiError as error:  # the engine died mid-stream: tell the client, then end the stream
+            await writer.send([error.body()])
+            await writer.send_done()
+            return writer.response
+        if chat.include_usage:
+            await writer.send([{**header, "choices": [], "usage": usage(
+                generation.num_prompt_tokens, generation.num_completion_tokens, generation.num_cached_tokens)}])
+        await writer.send_done()
+    except ClientGone:
+        generation.abort()
+    return writer.response

@@ -1,0 +1,141 @@
+"""POST /v1/completions: prompt(s) -> tokens -> engine -> text completion (or chunks).
+
+A batch of prompts becomes one engine request per prompt; choice `p * n + i` of the response is
+choice `i` of prompt `p`, as in the OpenAI API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+
+from worker.server.context import CTX_KEY, ServerContext, new_response_id, read_json, usage
+from worker.server.errors import ApiError
+from worker.server.generation import ChoiceUpdate, Generation, merge_generations
+from worker.server.logprobs import CompletionLogprobs
+from worker.server.protocol import CompletionRequest, parse_completion_request
+from worker.server.streaming import ClientGone, SSEWriter, json_response
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    ctx: ServerContext = request.app[CTX_KEY]
+    body = await read_json(request)
+    completion = parse_completion_request(body)
+    ctx.check_model(completion.model)
+    ctx.check_serving()
+    many = len(completion.prompts) > 1
+    prompt_ids = []
+    for p, prompt in enumerate(completion.prompts):
+        ids = ctx.encode(prompt) if isinstance(prompt, str) else prompt
+        ctx.check_lengths(ids, completion.params, f"prompt[{p}]" if many else "prompt")
+        prompt_ids.append(ids)
+    ctx.check_capacity(len(prompt_ids))
+    n = completion.params.n
+    generations = [ctx.new_generation(ids, completion.params, index_offset=p * n) for p, ids in enumerate(prompt_ids)]
+    try:
+        for generation in generations:
+            generation.start()
+        # Wait for each prompt's first tokens: a request the engine refuses is still an HTTP error here.
+        first = [u for batch in await asyncio.gather(*(g.first_updates() for g in generations)) for u in batch]
+        echo = _echo_texts(ctx, completion, prompt_ids)
+        if completion.stream:
+            return await _stream(request, ctx, completion, generations, first, echo)
+        return await _complete(ctx, completion, generations, first, echo)
+    finally:
+        for generation in generations:
+            generation.abort()  # no-op for finished ones; frees the KV of a client that left
+
+
+def _echo_texts(ctx: ServerContext, completion: CompletionRequest, prompt_ids: list[list[int]]) -> list[str] | None:
+    if not completion.echo:
+        return None
+    return [p if isinstance(p, str) else ctx.tokenizer.decode(ids) for p, ids in zip(completion.prompts, prompt_ids)]
+
+
+def _totals(generations: list[Generation]) -> tuple[int, int, int]:
+    return (
+        sum(g.num_prompt_tokens for g in generations),
+        sum(g.num_completion_tokens for g in generations),
+        sum(g.num_cached_tokens for g in generations),
+    )
+
+
+async def _complete(ctx: ServerContext, completion: CompletionRequest, generations: list[Generation],
+                    first: list[ChoiceUpdate], echo: list[str] | None) -> web.Response:
+    n = completion.params.n
+    totals = [ChoiceUpdate(i) for i in range(n * len(generations))]
+    for update in first:
+        totals[update.index].merge(update)
+    rest = await asyncio.gather(*(g.run_to_end() for g in generations))
+    for batch in rest:
+        for update in batch:
+            totals[update.index].merge(update)
+    choices = []
+    for total in totals:
+        prefix = echo[total.index // n] if echo else ""
+        logprobs = None
+        if completion.logprobs is not None:
+            logprobs = CompletionLogprobs(ctx.token_texts, len(prefix)).format(total.logprobs or [])
+        choices.append({
+            "index": total.index,
+            "text": prefix + total.text,
+            "logprobs": logprobs,
+            "finish_reason": total.finish_reason,
+            "stop_reason": total.stop_reason,
+        })
+    return json_response({
+        "id": new_response_id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": ctx.model_name,
+        "choices": choices,
+        "usage": usage(*_totals(generations)),
+    })
+
+
+async def _stream(request: web.Request, ctx: ServerContext, completion: CompletionRequest,
+                  generations: list[Generation], first: list[ChoiceUpdate], echo: list[str] | None) -> web.StreamResponse:
+    writer = SSEWriter(request)
+    n = completion.params.n
+    header = {"id": new_response_id("cmpl"), "object": "text_completion", "created": int(time.time()),
+              "model": ctx.model_name}
+    if completion.include_usage:
+        header["usage"] = None
+    offsets = [len(echo[i // n]) if echo else 0 for i in range(n * len(generations))]
+    logprob_formatters = [CompletionLogprobs(ctx.token_texts, offset) for offset in offsets]
+    echo_pending = set(range(n * len(generations))) if echo else set()
+
+    def chunks(updates: list[ChoiceUpdate]) -> list[dict]:
+        events = []
+        for update in updates:
+            text = update.text
+            if update.index in echo_pending:
+                echo_pending.discard(update.index)
+                text = echo[update.index // n] + text
+            logprobs = None
+            if completion.logprobs is not None and update.logprobs:
+                logprobs = logprob_formatters[update.index].format(update.logprobs)
+            if text or logprobs or update.finish_reason:
+                events.append({**header, "choices": [{"index": update.index, "text": text, "logprobs": logprobs,
+                                                      "finish_reason": update.finish_reason}]})
+        return events
+
+    try:
+        await writer.prepare()
+        await writer.send(chunks(first))
+        try:
+            async for updates in merge_generations(generations):
+                await writer.send(chunks(updates))
+        except ApiError as error:  # the engine died mid-stream: tell the client, then end the stream
+            await writer.send([error.body()])
+            await writer.send_done()
+            return writer.response
+        if completion.include_usage:
+            await writer.send([{**header, "choices": [], "usage": usage(*_totals(generations))}])
+        await writer.send_done()
+    except ClientGone:
+        for generation in generations:
+            generation.abort()
+    return writer.response

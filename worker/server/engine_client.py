@@ -1,0 +1,293 @@
+"""The frontend's asyncio handle on the engine process.
+
+`EngineClient` starts the engine process, waits until it is ready, sends requests and aborts
+(batched: every command issued during one event-loop iteration leaves in one pipe message), and
+routes each step's outputs to the `RequestStream` of the request they belong to.
+
+A reader thread does the blocking `recv()` and hands each message to the event loop with
+`call_soon_threadsafe`, so the loop never blocks on the pipe. When the pipe reads EOF the engine
+is dead: the client turns unhealthy and every open stream ends with an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import pickle
+import threading
+from dataclasses import dataclass
+
+from worker.config import EngineConfig
+from worker.engine.protocol import EngineOutput, EngineRequest, EngineStats
+from worker.server.engine_process import DEFAULT_ENGINE_FACTORY, run_engine_process
+from worker.server.errors import ApiError, bad_request, engine_unavailable, internal_error, overloaded
+
+log = logging.getLogger("radixfleet.worker")
+
+RETRY_AFTER_S = 1  # what a 503 "queue full" answer asks the client to wait
+
+
+class EngineStartError(RuntimeError):
+    """The engine process could not load the model; the message holds its traceback."""
+
+
+@dataclass
+class EngineInfo:
+    model_name: str
+    max_model_len: int
+    pid: int
+    model_path: str  # the resolved checkpoint folder (to load the tokenizer when it could not be sent)
+    tokenizer: object | None  # the engine's tokenizer, unpickled, when it could be sent
+
+
+class RequestStream:
+    """Outputs of one engine request as they arrive. Consumed by exactly one handler task."""
+
+    def __init__(self, request_id: str, num_choices: int):
+        self.request_id = request_id
+        self.num_choices = num_choices
+        self._pending: list[EngineOutput] = []
+        self._wakeup = asyncio.Event()
+        self._error: ApiError | None = None
+        self.started = False  # set once the first output arrived (the request left the queue)
+        self.finished = False  # every choice has sent its final event (or the stream failed)
+        self._open_choices = num_choices
+
+    # ---- called by the client (event-loop thread)
+    def _deliver(self, output: EngineOutput) -> None:
+        self.started = True
+        self._pending.append(output)
+        if output.finished:
+            self._open_choices -= 1
+            if self._open_choices <= 0:
+                self.finished = True
+        self._wakeup.set()
+
+    def _fail(self, error: ApiError) -> None:
+        self._error = error
+        self.finished = True
+        self._wakeup.set()
+
+    # ---- called by the handler
+    async def next_batch(self) -> list[EngineOutput]:
+        """Every output received since the last call (waits for at least one).
+
+        Handlers that fall behind get several steps' tokens at once, so a slow client or a busy
+        frontend costs fewer, larger SSE chunks rather than a growing backlog.
+        """
+        while not self._pending:
+            if self._error is not None:
+                raise self._error
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        batch, self._pending = self._pending, []
+        return batch
+
+
+class EngineClient:
+    """Owns the engine process. All methods run on the event loop thread."""
+
+    def __init__(self, config: EngineConfig, engine_factory: str = DEFAULT_ENGINE_FACTORY):
+        self.config = config
+        self.engine_factory = engine_factory
+        self.info: EngineInfo | None = None
+        self.stats: EngineStats | None = None
+        self.dead_reason: str | None = None  # set once the engine process is gone
+        self._streams: dict[str, RequestStream] = {}
+        self._outbox: list[tuple] = []
+        self._flush_scheduled = False
+        self._process = None
+        self._commands = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Future | None = None
+        self._stopping = False
+        self.stats_listeners: list = []  # callables(stats) run on every stats update (metrics)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> EngineInfo:
+        """Spawn the engine process and wait until it has loaded the model."""
+        self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
+        # spawn, not fork: CUDA cannot be initialised in a forked child, and a clean interpreter
+        # does not inherit the frontend's event loop or sockets.
+        context = multiprocessing.get_context("spawn")
+        command_reader, command_writer = context.Pipe(duplex=False)
+        output_reader, output_writer = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=run_engine_process,
+            args=(self.config, command_reader, output_writer, self.engine_factory),
+            name="radixfleet-engine",
+            daemon=True,
+        )
+        self._process.start()
+        # Close our copies of the child's ends: EOF on the output pipe then means the child died.
+        command_reader.close()
+        output_writer.close()
+        self._commands = command_writer
+        threading.Thread(target=self._read_outputs, args=(output_reader,), name="engine-reader", daemon=True).start()
+        self.info = await self._ready
+        return self.info
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def healthy(self) -> bool:
+        return self.info is not None and self.dead_reason is None and not self._stopping
+
+    async def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Ask the engine to stop, wait for its process, kill it if it does not exit in time."""
+        self._stopping = True
+        if self._process is None:
+            return
+        if self.dead_reason is None:
+            self._send(("shutdown",))
+            self._flush()
+        deadline = self._loop.time() + timeout_s
+        while self._process.is_alive() and self._loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self._process.is_alive():
+            log.warning("engine process did not exit within %.0f s; killing it", timeout_s)
+            self._process.kill()
+            self._process.join(5)
+        self._process.join(1)
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, request: EngineRequest) -> RequestStream:
+        """Queue a request for the engine; its outputs arrive on the returned stream."""
+        if not self.healthy:
+            raise engine_unavailable(self.dead_reason or "the worker is shutting down")
+        stream = RequestStream(request.request_id, request.params.n)
+        self._streams[request.request_id] = stream
+        self._send(("add", request))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV. Later outputs for it are dropped."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and self.dead_reason is None:
+            self._send(("abort", (request_id, None)))
+
+    def abort_choice(self, request_id: str, index: int) -> None:
+        """Stop one choice of a request (a stop string ended it); the other choices go on."""
+        if request_id in self._streams and self.dead_reason is None:
+            self._send(("abort", (request_id, index)))
+
+    def release(self, request_id: str) -> None:
+        """Forget a request that finished on its own."""
+        self._streams.pop(request_id, None)
+
+    @property
+    def num_open_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def num_not_started(self) -> int:
+        """Requests sent to the engine that have produced no token yet (queued or in prefill)."""
+        return sum(1 for stream in self._streams.values() if not stream.started)
+
+    def fail_all(self, error: ApiError) -> None:
+        """End every open stream with `error` (used when the engine dies)."""
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._fail(error)
+
+    # ------------------------------------------------------------------ IPC: out
+    def _send(self, command: tuple) -> None:
+        """Queue a command; all commands of this loop iteration leave together in `_flush`."""
+        self._outbox.append(command)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        commands, self._outbox = self._outbox, []
+        adds = [command[1] for command in commands if command[0] == "add"]
+        aborts = [command[1] for command in commands if command[0] == "abort"]
+        messages = []
+        if adds:
+            messages.append(("add", adds))
+        if aborts:  # after the adds: a request added and aborted in one iteration ends aborted
+            messages.append(("abort", aborts))
+        if any(command[0] == "shutdown" for command in commands):
+            messages.append(("shutdown",))
+        try:
+            for message in messages:
+                self._commands.send(message)
+        except (OSError, EOFError, BrokenPipeError):
+            self._on_engine_dead("the engine process closed its command pipe")
+
+    # ------------------------------------------------------------------ IPC: in
+    def _read_outputs(self, conn) -> None:
+        """Reader thread: blocking receives, handed to the event loop one message at a time."""
+        while True:
+            try:
+                message = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                self._loop.call_soon_threadsafe(self._on_engine_dead, "the engine process exited")
+                return
+            self._loop.call_soon_threadsafe(self._dispatch, message)
+
+    def _dispatch(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "out":
+            streams = self._streams
+            for output in message[1]:
+                stream = streams.get(output.request_id)
+                if stream is not None:  # None: aborted by us, its late events are dropped
+                    stream._deliver(output)
+            self._set_stats(message[2])
+        elif kind == "stats":
+            self._set_stats(message[1])
+        elif kind == "rejected":
+            _, request_id, param, text, kind = message
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                if kind == "invalid":
+                    error = bad_request(param, text)
+                elif kind == "overloaded":
+                    error = overloaded(RETRY_AFTER_S, self.stats.num_waiting if self.stats else 0)
+                else:
+                    error = internal_error(text)
+                stream._fail(error)
+        elif kind == "ready":
+            info = message[1]
+            tokenizer = pickle.loads(info["tokenizer"]) if info.get("tokenizer") else None
+            self._set_stats(info["stats"])
+            if not self._ready.done():
+                self._ready.set_result(
+                    EngineInfo(info["model_name"], info["max_model_len"], info["pid"], info["model_path"], tokenizer)
+                )
+        elif kind == "failed":
+            self.dead_reason = "the engine failed to start"
+            if not self._ready.done():
+                self._ready.set_exception(EngineStartError(message[1]))
+        elif kind == "fatal":
+            log.error("engine loop crashed:\n%s", message[1])
+            self._on_engine_dead("the engine loop crashed: " + message[1].strip().splitlines()[-1])
+
+    def _set_stats(self, stats: EngineStats) -> None:
+        self.stats = stats
+        for listener in self.stats_listeners:
+            listener(stats)
+
+    def _on_engine_dead(self, reason: str) -> None:
+        if self.dead_reason is None or self.dead_reason == "the engine failed to start":
+            self.dead_reason = self.dead_reason or reason
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(EngineStartError(reason))
+        if not self._stopping:
+            log.error("engine process is gone (%s); failing %d in-flight requests", reason, len(self._streams))
+        self.fail_all(engine_unavailable(reason))
+
+    def abort_in_engine(self) -> int:
+        """Abort every open request in the engine but keep their streams: each one receives its final
+        `abort` event and its handler ends the response normally (used by a shutdown). Returns the count."""
+        if self.dead_reason is not None:
+            return 0
+        for request_id in self._streams:
+            self._send(("abort", (request_id, None)))
+        return len(self._streams)

@@ -1,0 +1,182 @@
+"""The engine loop in its own process, and the messages it exchanges with the HTTP frontend.
+
+Why a separate process: the scheduler loop (`LLMEngine.step()`) must never wait on HTTP work
+(JSON, detokenization, SSE writes), and one Python process cannot give it that guarantee
+because of the GIL. The engine process only ever sees token ids.
+
+Why `multiprocessing` pipes (standard library, no zmq): a `Pipe(duplex=False)` is a plain Unix
+socket pair with message framing. Its two properties we rely on:
+  * the engine drains commands with `poll(0)`, which never blocks, and blocks with a timeout only
+    when it has no work at all;
+  * when either process dies the other end reads EOF, so a dead engine is noticed at once by the
+    frontend's reader thread and a dead frontend makes the engine exit (no orphans holding a GPU).
+Outputs go through a sender thread fed by a `SimpleQueue`: `step()` results are handed over in one
+batched message per step and the loop continues at once, even when the frontend is slow to read
+(a full socket buffer blocks the sender thread, never the scheduler).
+
+Messages (tuples, pickled):
+  frontend -> engine: ("add", [EngineRequest, ...]) | ("shutdown",)
+                      ("abort", [(request_id, choice_index_or_None), ...])
+  engine -> frontend: ("ready", info: dict) | ("failed", traceback_text)
+                      ("out", [EngineOutput, ...], EngineStats)   one per step that produced output
+                      ("stats", EngineStats)                      after commands handled while idle
+                      ("rejected", request_id, param_or_None, message, kind)
+                          kind: "invalid" (HTTP 400) | "overloaded" (HTTP 503) | "error" (HTTP 500)
+                      ("fatal", traceback_text)                   the loop crashed; the process exits
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import signal
+import threading
+import traceback
+from multiprocessing.connection import Connection
+from queue import SimpleQueue
+
+from worker.config import EngineConfig
+from worker.sampling_params import InvalidParameter
+
+DEFAULT_ENGINE_FACTORY = "worker.engine.llm_engine:LLMEngine"
+IDLE_POLL_S = 0.5  # how long an idle engine sleeps in poll() before re-checking (commands wake it at once)
+
+
+def load_factory(path: str):
+    """Import "package.module:attribute" (the engine class, or a test double with the same API)."""
+    module_name, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def _engine_info(engine) -> dict:
+    """What the frontend needs to serve: names, limits, and the tokenizer (if it can be pickled)."""
+    info = {
+        "model_name": engine.model_name,
+        "max_model_len": engine.max_model_len,
+        "stats": engine.stats(),
+        "pid": os.getpid(),
+        "model_path": str(getattr(engine, "model_path", "") or ""),
+        "tokenizer": None,
+    }
+    try:
+        info["tokenizer"] = pickle.dumps(engine.tokenizer)
+    except Exception:  # the frontend then loads its own copy
+        info["tokenizer"] = None
+    return info
+
+
+class _Sender:
+    """Sends messages to the frontend from a background thread, so the engine loop never blocks."""
+
+    def __init__(self, conn: Connection):
+        self._conn = conn
+        self._queue: SimpleQueue = SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="engine-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, message: tuple) -> None:
+        self._queue.put(message)
+
+    def close(self) -> None:
+        """Flush everything queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            message = self._queue.get()
+            if message is None:
+                return
+            try:
+                self._conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+            except (OSError, EOFError):  # the frontend is gone; the main loop notices on its side
+                return
+
+
+class EngineLoop:
+    """Runs `engine.step()` while there is work and applies frontend commands between steps."""
+
+    def __init__(self, engine, commands: Connection, sender: _Sender):
+        self.engine = engine
+        self.commands = commands
+        self.sender = sender
+        self.running = True
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "add":
+            for request in message[1]:
+                self._add(request)
+        elif kind == "abort":
+            for request_id, index in message[1]:
+                self.engine.abort_request(request_id, index)
+        elif kind == "shutdown":
+            self.running = False
+
+    def _add(self, request) -> None:
+        try:
+            self.engine.add_request(request)
+        except InvalidParameter as error:
+            self.sender.put(("rejected", request.request_id, error.param, error.message, "invalid"))
+        except Exception as error:  # noqa: BLE001 - reported to that request's client, the loop goes on
+            # QueueFullError (worker.engine.llm_engine) is matched by name so that test doubles need not import it.
+            kind = "overloaded" if type(error).__name__ == "QueueFullError" else "error"
+            self.sender.put(("rejected", request.request_id, None, f"{type(error).__name__}: {error}", kind))
+
+    def _drain_commands(self, timeout: float) -> bool:
+        """Apply every queued command; wait up to `timeout` for the first. True if any arrived."""
+        if not self.commands.poll(timeout):
+            return False
+        while True:
+            self._handle(self.commands.recv())
+            if not self.running or not self.commands.poll(0):
+                return True
+
+    def run(self) -> None:
+        while self.running:
+            busy = self.engine.has_unfinished()
+            got_commands = self._drain_commands(0 if busy else IDLE_POLL_S)
+            if not self.running:
+                break
+            if self.engine.has_unfinished():
+                outputs = self.engine.step()
+                self.sender.put(("out", outputs, self.engine.stats()))
+            elif got_commands:
+                # Aborts may leave final events behind even with nothing left to run; flush them.
+                outputs = self.engine.step() if busy else []
+                if outputs:
+                    self.sender.put(("out", outputs, self.engine.stats()))
+                else:
+                    self.sender.put(("stats", self.engine.stats()))
+
+
+def run_engine_process(
+    config: EngineConfig,
+    commands: Connection,
+    outputs: Connection,
+    engine_factory: str = DEFAULT_ENGINE_FACTORY,
+) -> None:
+    """Entry point of the engine process (a `multiprocessing` spawn target)."""
+    # Ctrl-C in a terminal reaches the whole process group: the frontend decides how to shut down
+    # and then tells this process, so it ignores SIGINT itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sender = _Sender(outputs)
+    try:
+        engine = load_factory(engine_factory)(config)
+    except BaseException:  # noqa: BLE001 - any load failure must reach the frontend as text
+        sender.put(("failed", traceback.format_exc()))
+        sender.close()
+        return
+    try:
+        sender.put(("ready", _engine_info(engine)))
+        EngineLoop(engine, commands, sender).run()
+    except (EOFError, OSError):
+        pass  # the frontend went away: nothing to report to
+    except BaseException:  # noqa: BLE001
+        sender.put(("fatal", traceback.format_exc()))
+    finally:
+        try:
+            engine.shutdown()
+        finally:
+            sender.close()

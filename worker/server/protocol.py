@@ -1,0 +1,353 @@
+"""OpenAI request bodies: parsing, type checks and translation to `SamplingParams`.
+
+Each parser takes the decoded JSON body and returns a plain request object, or raises
+`ApiError(400)` whose `param` names the offending field. Rules, as OpenAI applies them:
+  * a field set to `null` means "use the default";
+  * a known field of the wrong type or out of range is rejected with a message saying what is expected;
+  * an unrecognised field is rejected ("Unrecognized request argument supplied"), except the OpenAI
+    fields that do not change generation here (`user`, `metadata`, `store`, ...), which are accepted.
+Range checks of sampling fields live in `SamplingParams.validate`; here we only map their error
+back to the name the client used (`max_completion_tokens`, `top_logprobs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.sampling_params import MAX_LOGPROBS, InvalidParameter, SamplingParams
+from worker.server.errors import ApiError, bad_request
+
+# Sampling fields passed to SamplingParams under the same name (vLLM-style extensions included).
+_SAMPLING_FIELDS = (
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "min_tokens",
+    "stop",
+    "stop_token_ids",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "priority",
+)
+# OpenAI fields accepted and ignored: they do not affect what this server generates.
+_IGNORED_FIELDS = {
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "tool_choice",
+    "prompt_cache_key",
+    "safety_identifier",
+    "reasoning_effort",
+    "verbosity",
+    "modalities",
+}
+_COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "logit_bias", *_SAMPLING_FIELDS, *_IGNORED_FIELDS}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "logprobs", "echo", "suffix", "best_of"}
+CHAT_FIELDS = _COMMON_FIELDS | {
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "response_format",
+    "add_generation_prompt",
+}
+SEED_RANGE = (-(2**63), 2**63 - 1)
+MAX_PROMPTS_PER_REQUEST = 256  # prompts in one /v1/completions batch
+
+
+@dataclass
+class CompletionRequest:
+    model: str | None
+    prompts: list[str | list[int]]  # one engine request per prompt
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    logprobs: int | None = None  # top-k alternatives per token; None: no logprobs
+
+
+@dataclass
+class ChatRequest:
+    model: str | None
+    messages: list[dict]
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    tools: list[dict] | None = None
+    add_generation_prompt: bool = True
+
+
+@dataclass
+class TokenizeRequest:
+    model: str | None
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    tools: list[dict] | None = None
+
+
+@dataclass
+class DetokenizeRequest:
+    model: str | None
+    tokens: list[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- type checks
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__.replace("dict", "object").replace("list", "array")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def expect_object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise bad_request(None, f"The request body must be a JSON object, got {_type_name(body)}.")
+    return body
+
+
+def _reject_unknown(body: dict, allowed: set[str]) -> None:
+    for name in body:
+        if name not in allowed:
+            raise bad_request(name, f"Unrecognized request argument supplied: {name}")
+
+
+def _get(body: dict, name: str, kind: type | tuple, default: Any, what: str) -> Any:
+    """body[name] if present and not null, checked against `kind` (bool is never an int here)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in _as_tuple(kind))
+    if not ok:
+        raise bad_request(name, f"'{name}' must be {what}, got {_type_name(value)} {_short(value)}.")
+    return value
+
+
+def _as_tuple(kind: type | tuple) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _get_model(body: dict) -> str | None:
+    return _get(body, "model", str, None, "a string")
+
+
+def _get_stream(body: dict) -> tuple[bool, bool]:
+    stream = _get(body, "stream", bool, False, "a boolean")
+    options = _get(body, "stream_options", dict, None, "an object")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise bad_request("stream_options", "'stream_options' is only allowed when 'stream' is true.")
+        for key in options:
+            if key not in ("include_usage", "continuous_usage_stats"):
+                raise bad_request(f"stream_options.{key}", f"Unrecognized stream option: {key}")
+        include_usage = options.get("include_usage") or False
+        if not isinstance(include_usage, bool):
+            raise bad_request("stream_options.include_usage", "'include_usage' must be a boolean.")
+    return stream, include_usage
+
+
+def _check_logit_bias(body: dict) -> None:
+    bias = _get(body, "logit_bias", dict, None, "an object")
+    if bias:
+        raise bad_request("logit_bias", "'logit_bias' is not supported by this server; remove it.")
+
+
+def _sampling_params(body: dict, max_tokens: int | None, max_tokens_name: str, logprobs: int | None,
+                     logprobs_name: str) -> SamplingParams:
+    """Build SamplingParams from the body; its validation errors name the field the client sent."""
+    kwargs = {name: body[name] for name in _SAMPLING_FIELDS if body.get(name) is not None}
+    if "stop" in kwargs and not isinstance(kwargs["stop"], (str, list)):
+        raise bad_request("stop", f"'stop' must be a string or an array of strings, got {_type_name(kwargs['stop'])}.")
+    if "seed" in kwargs and _is_int(kwargs["seed"]) and not (SEED_RANGE[0] <= kwargs["seed"] <= SEED_RANGE[1]):
+        raise bad_request("seed", f"'seed' must fit in a signed 64-bit integer, got {kwargs['seed']}.")
+    if "top_k" in kwargs and kwargs["top_k"] == -1:
+        kwargs["top_k"] = 0  # vLLM spelling of "disabled"
+    try:
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+    except InvalidParameter as error:
+        param = {"max_tokens": max_tokens_name, "logprobs": logprobs_name}.get(error.param, error.param)
+        raise bad_request(param, f"'{param}' {error.message}.") from None
+    except TypeError as error:  # a list where a scalar belongs, caught by a comparison inside validate()
+        raise bad_request(None, f"Invalid sampling parameter: {error}") from None
+
+
+def _positive_int_or_none(body: dict, name: str) -> int | None:
+    value = body.get(name)
+    if value is not None and not _is_int(value):
+        raise bad_request(name, f"'{name}' must be an integer, got {_type_name(value)} {_short(value)}.")
+    return value
+
+
+# ---------------------------------------------------------------------- /v1/completions
+def parse_completion_request(body: Any) -> CompletionRequest:
+    body = expect_object(body)
+    _reject_unknown(body, COMPLETION_FIELDS)
+    model = _get_model(body)
+    stream, include_usage = _get_stream(body)
+    _check_logit_bias(body)
+    prompts = _parse_prompts(body.get("prompt"))
+    if _get(body, "suffix", str, None, "a string"):
+        raise bad_request("suffix", "'suffix' is not supported by this server.")
+    echo = _get(body, "echo", bool, False, "a boolean")
+    logprobs = _positive_int_or_none(body, "logprobs")
+    if logprobs is not None and not (0 <= logprobs <= MAX_LOGPROBS):
+        raise bad_request("logprobs", f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {logprobs}.")
+    if echo and logprobs is not None:
+        raise bad_request("echo", "'echo' together with 'logprobs' (prompt logprobs) is not supported.")
+    max_tokens = _positive_int_or_none(body, "max_tokens")
+    params = _sampling_params(body, 16 if max_tokens is None else max_tokens, "max_tokens", logprobs, "logprobs")
+    best_of = _positive_int_or_none(body, "best_of")
+    if best_of is not None and best_of != params.n:
+        raise bad_request("best_of", "'best_of' other than 'n' is not supported; set best_of = n or leave it out.")
+    return CompletionRequest(model, prompts, params, stream, include_usage, echo, logprobs)
+
+
+def _parse_prompts(prompt: Any) -> list[str | list[int]]:
+    """str | [str, ...] | [int, ...] | [[int, ...], ...] -> a list of prompts."""
+    if prompt is None:
+        raise bad_request("prompt", "'prompt' is required.")
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad_request("prompt", "'prompt' must be a string, an array of strings, an array of token ids "
+                          "or an array of arrays of token ids (not empty).")
+    if all(_is_int(t) for t in prompt):
+        return [_token_ids(prompt, "prompt")]
+    if len(prompt) > MAX_PROMPTS_PER_REQUEST:
+        raise bad_request("prompt", f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {len(prompt)}.")
+    prompts: list[str | list[int]] = []
+    for i, item in enumerate(prompt):
+        if isinstance(item, str):
+            prompts.append(item)
+        elif isinstance(item, list) and item and all(_is_int(t) for t in item):
+            prompts.append(_token_ids(item, f"prompt[{i}]"))
+        else:
+            raise bad_request(f"prompt[{i}]", "each prompt must be a string or a non-empty array of token ids.")
+    return prompts
+
+
+def _token_ids(ids: list, param: str) -> list[int]:
+    if any(t < 0 for t in ids):
+        raise bad_request(param, "token ids must be non-negative integers.")
+    return list(ids)
+
+
+# ---------------------------------------------------------------------- /v1/chat/completions
+def parse_chat_request(body: Any) -> ChatRequest:
+    body = expect_object(body)
+    _reject_unknown(body, CHAT_FIELDS)
+    model = _get_model(body)
+    stream, include_usage = _get_stream(body)
+    _check_logit_bias(body)
+    messages = parse_messages(body.get("messages"))
+    tools = _get(body, "tools", list, None, "an array")
+    response_format = _get(body, "response_format", dict, None, "an object")
+    if response_format is not None and response_format.get("type") not in (None, "text"):
+        raise bad_request("response_format", "only response_format {\"type\": \"text\"} is supported.")
+    logprobs = _get(body, "logprobs", bool, False, "a boolean")
+    top_logprobs = _positive_int_or_none(body, "top_logprobs")
+    if top_logprobs is not None:
+        if not logprobs:
+            raise bad_request("top_logprobs", "'top_logprobs' needs 'logprobs' set to true.")
+        if not (0 <= top_logprobs <= MAX_LOGPROBS):
+            raise bad_request("top_logprobs", f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}, got {top_logprobs}.")
+    # max_completion_tokens is the current OpenAI name; max_tokens the deprecated one. The first set wins.
+    max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _positive_int_or_none(body, max_name)
+    params = _sampling_params(body, max_tokens, max_name, (top_logprobs or 0) if logprobs else None, "top_logprobs")
+    add_generation_prompt = _get(body, "add_generation_prompt", bool, True, "a boolean")
+    return ChatRequest(model, messages, params, stream, include_usage, logprobs, top_logprobs or 0, tools,
+                       add_generation_prompt)
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def parse_messages(messages: Any, param: str = "messages") -> list[dict]:
+    """Check the messages and flatten text content parts into plain strings (what templates expect)."""
+    if not isinstance(messages, list) or not messages:
+        raise bad_request(param, f"'{param}' must be a non-empty array of message objects.")
+    parsed = []
+    for i, message in enumerate(messages):
+        where = f"{param}[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(where, f"each message must be an object, got {_type_name(message)}.")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise bad_request(f"{where}.role", f"'role' must be one of {', '.join(CHAT_ROLES)}, got {_short(role)}.")
+        content = message.get("content")
+        if isinstance(content, list):
+            content = _flatten_parts(content, f"{where}.content")
+        elif content is None:
+            if role != "assistant":
+                raise bad_request(f"{where}.content", "'content' is required for this role.")
+        elif not isinstance(content, str):
+            raise bad_request(f"{where}.content", f"'content' must be a string or an array of parts, "
+                              f"got {_type_name(content)}.")
+        parsed.append({**message, "content": content})
+    return parsed
+
+
+def _flatten_parts(parts: list, where: str) -> str:
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else _type_name(part)
+            raise bad_request(f"{where}[{j}]", f"only text content parts are supported, got {_short(kind)}.")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+# ---------------------------------------------------------------------- /tokenize, /detokenize
+def parse_tokenize_request(body: Any) -> TokenizeRequest:
+    body = expect_object(body)
+    _reject_unknown(body, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "tools"})
+    model = _get_model(body)
+    prompt = _get(body, "prompt", str, None, "a string")
+    messages = parse_messages(body["messages"]) if body.get("messages") is not None else None
+    if (prompt is None) == (messages is None):
+        raise bad_request("prompt", "give exactly one of 'prompt' (a string) or 'messages' (chat messages).")
+    return TokenizeRequest(
+        model,
+        prompt,
+        messages,
+        add_special_tokens=_get(body, "add_special_tokens", bool, messages is None, "a boolean"),
+        add_generation_prompt=_get(body, "add_generation_prompt", bool, True, "a boolean"),
+        tools=_get(body, "tools", list, None, "an array"),
+    )
+
+
+def parse_detokenize_request(body: Any) -> DetokenizeRequest:
+    body = expect_object(body)
+    _reject_unknown(body, {"model", "tokens"})
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) and t >= 0 for t in tokens):
+        raise bad_request("tokens", "'tokens' must be an array of non-negative integer token ids.")
+    return DetokenizeRequest(_get_model(body), tokens)
+
+
+def ensure(condition: bool, param: str, message: str) -> None:
+    """Raise a 400 naming `param` unless `condition` holds."""
+    if not condition:
+        raise ApiError(400, message, param=param)

@@ -1,0 +1,128 @@
+"""Run one worker: start the engine process, serve HTTP until SIGTERM, then shut down cleanly.
+
+Shutdown order: stop listening (the port is free at once), refuse new requests (503), let in-flight
+requests finish for up to `shutdown_timeout_s`, abort the rest (their streams end with
+finish_reason "abort"), close connections, stop the engine process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from worker.config import EngineConfig
+from worker.server.app import build_app
+from worker.server.context import ServerContext
+from worker.server.engine_client import EngineClient, EngineStartError
+from worker.server.engine_process import DEFAULT_ENGINE_FACTORY
+
+log = logging.getLogger("radixfleet.worker")
+
+
+@dataclass
+class ServeOptions:
+    config: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_names: list[str] = field(default_factory=list)
+    shutdown_timeout_s: float = 30.0  # how long in-flight requests may run on after SIGTERM
+    engine_factory: str = DEFAULT_ENGINE_FACTORY
+
+
+def load_tokenizer(model_path: str):
+    """The frontend's own tokenizer, when the engine's could not be sent over the pipe."""
+    from worker.tokenizer import Tokenizer
+
+    return Tokenizer.from_folder(model_path)
+
+
+def _print(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def serve(options: ServeOptions) -> int:
+    """Serve until SIGTERM / SIGINT. Returns the process exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    client = EngineClient(options.config, options.engine_factory)
+    _print(f"radixfleet worker: starting the engine process for model {options.config.model!r} ...")
+    start = asyncio.ensure_future(client.start())
+    stopped_early = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([start, stopped_early], return_when=asyncio.FIRST_COMPLETED)
+    if not start.done():
+        _print("radixfleet worker: interrupted while loading; stopping the engine")
+        start.cancel()
+        await client.shutdown(timeout_s=5)
+        return 130
+    stopped_early.cancel()
+    try:
+        info = start.result()
+    except EngineStartError as error:
+        _print(f"radixfleet worker: the engine failed to start:\n{error}")
+        await client.shutdown(timeout_s=5)
+        return 1
+    tokenizer = info.tokenizer if info.tokenizer is not None else load_tokenizer(info.model_path)
+    ctx = ServerContext(options.config, client, tokenizer, info.model_name, info.max_model_len,
+                        options.served_model_names or None)
+    # handler_cancellation: a client that disconnects cancels its handler, whose cleanup aborts the
+    # request in the engine and frees its KV (streaming responses also notice on their next write).
+    runner = web.AppRunner(build_app(ctx), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, options.host, options.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as error:
+        _print(f"radixfleet worker: cannot listen on {options.host}:{options.port}: {error.strerror or error}. "
+               "Pick another --port or stop the process using it.")
+        await runner.cleanup()
+        await client.shutdown(timeout_s=10)
+        return 1
+    url = f"http://{options.host}:{options.port}"
+    _print(f"radixfleet worker ready at {url} (model {ctx.model_name!r}, max_model_len {info.max_model_len}, "
+           f"engine pid {info.pid})")
+
+    await stop.wait()
+    _print("radixfleet worker: shutting down (no new requests)")
+    await _drain(ctx, site, options.shutdown_timeout_s)
+    await runner.cleanup()
+    await client.shutdown()
+    _print("radixfleet worker: stopped")
+    return 0
+
+
+async def _drain(ctx: ServerContext, site: web.TCPSite, timeout_s: float) -> None:
+    ctx.draining = True
+    await site.stop()  # closes the listening socket: the port is free for a new worker
+    if await _wait_idle(ctx, timeout_s):
+        return
+    aborted = ctx.client.abort_in_engine()
+    _print(f"radixfleet worker: aborting {aborted} requests still running after {timeout_s:.0f} s")
+    await _wait_idle(ctx, 10.0)
+
+
+async def _wait_idle(ctx: ServerContext, timeout_s: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while ctx.active_handlers > 0 and ctx.client.dead_reason is None:
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def run_server(options: ServeOptions) -> int:
+    """Blocking entry point: uvloop when available, then `serve`."""
+    try:
+        import uvloop
+
+        return uvloop.run(serve(options))
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps odd platforms working
+        return asyncio.run(serve(options))

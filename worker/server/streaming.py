@@ -1,0 +1,66 @@
+"""Server-sent events, as the OpenAI streaming API sends them: `data: {json}\n\n` ... `data: [DONE]\n\n`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+try:  # orjson is several times faster on the hot path (one chunk per token per stream); json is the fallback
+    import orjson
+
+    def dumps(obj) -> bytes:
+        return orjson.dumps(obj)
+
+except ImportError:  # pragma: no cover - depends on the environment
+    import json
+
+    def dumps(obj) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class ClientGone(Exception):
+    """The client closed the connection while we were writing to it."""
+
+
+def json_response(obj, status: int = 200) -> web.Response:
+    return web.Response(body=dumps(obj), status=status, content_type="application/json")
+
+
+class SSEWriter:
+    """Writes SSE events to one client. Several events passed together leave in one write."""
+
+    def __init__(self, request: web.Request):
+        self._request = request
+        self._response = web.StreamResponse(
+            status=200,
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def prepare(self) -> None:
+        try:
+            await self._response.prepare(self._request)
+        except (ConnectionError, RuntimeError) as error:
+            raise ClientGone() from error
+
+    async def send(self, events: list[dict]) -> None:
+        if events:
+            await self._write(b"".join(b"data: " + dumps(event) + b"\n\n" for event in events))
+
+    async def send_done(self) -> None:
+        await self._write(b"data: [DONE]\n\n")
+        try:
+            await self._response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+
+    @property
+    def response(self) -> web.StreamResponse:
+        return self._response
+
+    async def _write(self, data: bytes) -> None:
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
+            raise ClientGone()
+        try:
+            await self._response.write(data)
+        except (ConnectionError, RuntimeError) as error:
+            raise ClientGone() from error
