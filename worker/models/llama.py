@@ -165,15 +165,20 @@ class LlamaForCausalLM(nn.Module):
         """Make lm_head share the input embedding matrix (tied checkpoints store it once)."""
         self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+    def forward(
+        self, batch: ForwardBatch, kv_caches: list[KVCache], meta: AttentionMetadata | None = None
+    ) -> torch.Tensor:
         """Run one step; returns float32 logits [len(batch.logits_indices), vocab_size].
 
         Writes the new tokens' K/V into `kv_caches[layer]` at `batch.out_slots`. The final norm and
-        the LM head run only on the rows named by `batch.logits_indices`.
+        the LM head run only on the rows named by `batch.logits_indices`. `meta` lets a caller pass
+        metadata it built itself (e.g. the CUDA executor, from static device buffers a CUDA graph
+        replays); by default it is built from `batch`.
         """
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
-        meta = AttentionMetadata.from_batch(batch)
+        if meta is None:
+            meta = AttentionMetadata.from_batch(batch)
         hidden = self.embed_tokens(batch.input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
