@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.sampling_params import MAX_LOGPROBS, InvalidParameter, SamplingParams
-from worker.server.errors import ApiError, bad_request
+from worker.server.errors import bad_request
 
 # Sampling fields passed to SamplingParams under the same name (vLLM-style extensions included).
 _SAMPLING_FIELDS = (
@@ -346,8 +346,3 @@ def parse_detokenize_request(body: Any) -> DetokenizeRequest:
         raise bad_request("tokens", "'tokens' must be an array of non-negative integer token ids.")
     return DetokenizeRequest(_get_model(body), tokens)
 
-
-def ensure(condition: bool, param: str, message: str) -> None:
-    """Raise a 400 naming `param` unless `condition` holds."""
-    if not condition:
-        raise ApiError(400, message, param=param)
