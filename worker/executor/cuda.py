@@ -1,0 +1,320 @@
+"""The CUDA executor: the Llama-family model in bf16 on one GPU, Triton kernels, CUDA graphs for decode.
+
+What it adds to the model code:
+- weights loaded straight onto the GPU in config.dtype ("auto": bfloat16), ops = kernels.triton_ops;
+- a KV pool sized like vLLM's gpu_memory_utilization: the process may use `mem_fraction` of the GPU's
+  total memory; the pool gets what is left after the weights, everything else already in use on the
+  device, the peak activations of a `max_num_batched_tokens` step (measured by running one) and a
+  reserve for the CUDA graphs;
+- batch tensors packed into pinned host buffers and moved with one non_blocking copy per dtype, with
+  the attention metadata built here (so the model never makes its own small synchronous copies);
+- decode steps replayed from CUDA graphs (worker.executor.cuda_graphs), other steps eager.
+
+forward() returns float32 logits on the GPU; the sampler runs there too.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from kernels.attention_metadata import AttentionMetadata
+from worker.config import ConfigError, EngineConfig
+from worker.engine.forward_batch import ForwardBatch
+from worker.executor.base import Executor
+from worker.executor.cuda_graphs import DecodeGraphRunner
+from worker.models.config import ModelConfig, parse_dtype
+from worker.models.loader import load_model
+
+log = logging.getLogger(__name__)
+
+MiB = 1024**2
+# Kept free beyond the measured peak: allocator fragmentation, cuBLAS workspaces, NCCL-free slack.
+_FIXED_RESERVE_BYTES = 256 * MiB
+# The sampler's temporaries per logits element (probabilities, noise, sort), beyond the logits themselves.
+_SAMPLER_COPIES = 3
+
+
+def _triton_ops() -> ModuleType:
+    import kernels.triton_ops as triton_ops
+
+    return triton_ops
+
+
+class _BatchStaging:
+    """Moves a CPU ForwardBatch to the GPU: two pinned host buffers (int64, int32), two async copies.
+
+    The device buffers are reused from step to step; that is safe because every step runs on one
+    stream, so a copy into them is ordered after the previous step's kernels. The host buffers are
+    rewritten only after the previous step's copies completed (an event).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pin = device.type == "cuda"
+        self._host_i64 = self._dev_i64 = None
+        self._host_i32 = self._dev_i32 = None
+        self._copied = torch.cuda.Event() if self.pin else None
+
+    def _buffers(self, attr: str, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        host, dev = getattr(self, f"_host_{attr}"), getattr(self, f"_dev_{attr}")
+        if host is None or host.numel() < size:
+            capacity = 1 << max(12, (size - 1).bit_length())  # grow by powers of two
+            host = torch.empty(capacity, dtype=dtype, pin_memory=self.pin)
+            dev = torch.empty(capacity, dtype=dtype, device=self.device)
+            setattr(self, f"_host_{attr}", host)
+            setattr(self, f"_dev_{attr}", dev)
+        return host, dev
+
+    def upload(self, batch: ForwardBatch) -> tuple[ForwardBatch, AttentionMetadata]:
+        num_tokens, batch_size = batch.num_tokens, batch.batch_size
+        num_logits = int(batch.logits_indices.shape[0])
+        width = int(batch.page_tables.shape[1])
+        seq_lens = np.asarray(batch.seq_lens, dtype=np.int32)
+        extend_lens = np.asarray(batch.extend_lens, dtype=np.int32)
+        starts = np.zeros(batch_size, dtype=np.int32)
+        if batch_size > 1:
+            np.cumsum(extend_lens[:-1], out=starts[1:])
+
+        if self._copied is not None:
+            self._copied.synchronize()
+        n64 = 3 * num_tokens + num_logits
+        host64, dev64 = self._buffers("i64", n64, torch.int64)
+        h64 = host64.numpy()
+        h64[0:num_tokens] = batch.input_ids.numpy()
+        h64[num_tokens : 2 * num_tokens] = batch.positions.numpy()
+        h64[2 * num_tokens : 3 * num_tokens] = batch.out_slots.numpy()
+        h64[3 * num_tokens : n64] = batch.logits_indices.numpy()
+
+        n32 = 4 * batch_size + batch_size * width
+        host32, dev32 = self._buffers("i32", n32, torch.int32)
+        h32 = host32.numpy()
+        h32[0:batch_size] = seq_lens
+        h32[batch_size : 2 * batch_size] = extend_lens
+        h32[2 * batch_size : 3 * batch_size] = seq_lens - extend_lens
+        h32[3 * batch_size : 4 * batch_size] = starts
+        h32[4 * batch_size : n32] = batch.page_tables.numpy().reshape(-1)
+
+        d64 = dev64[:n64]
+        d64.copy_(host64[:n64], non_blocking=True)
+        d32 = dev32[:n32]
+        d32.copy_(host32[:n32], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+        page_tables = d32[4 * batch_size :].view(batch_size, width)
+        out_slots = d64[2 * num_tokens : 3 * num_tokens]
+        on_device = ForwardBatch(
+            input_ids=d64[:num_tokens],
+            positions=d64[num_tokens : 2 * num_tokens],
+            out_slots=out_slots,
+            page_tables=page_tables,
+            seq_lens=batch.seq_lens,
+            extend_lens=batch.extend_lens,
+            logits_indices=d64[3 * num_tokens : n64],
+            num_decodes=batch.num_decodes,
+            page_size=batch.page_size,
+        )
+        meta = AttentionMetadata(
+            page_tables=page_tables,
+            seq_lens=d32[0:batch_size],
+            extend_lens=d32[batch_size : 2 * batch_size],
+            prefix_lens=d32[2 * batch_size : 3 * batch_size],
+            extend_starts=d32[3 * batch_size : 4 * batch_size],
+            out_slots=out_slots,
+            page_size=batch.page_size,
+            num_decodes=batch.num_decodes,
+            max_extend_len=int(extend_lens.max()) if batch_size else 0,
+            max_seq_len=int(seq_lens.max()) if batch_size else 0,
+            seq_lens_list=list(batch.seq_lens),
+            extend_lens_list=list(batch.extend_lens),
+        )
+        return on_device, meta
+
+
+class CUDAExecutor(Executor):
+    """See the module docstring. `device` and `ops` are for tests (another GPU, or torch_ref ops)."""
+
+    name = "cuda"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        config: EngineConfig,
+        device: torch.device | str | None = None,
+        ops: ModuleType | None = None,
+    ):
+        self.config = config
+        self._device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        if self._device.type == "cuda" and self._device.index is None:
+            self._device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = torch.bfloat16 if config.dtype == "auto" else parse_dtype(config.dtype)
+        self.ops = ops if ops is not None else _triton_ops()
+        self.model, self.model_config = load_model(
+            model_path, self._device, self.dtype, progress=config.progress, ops=self.ops
+        )
+        cfg: ModelConfig = self.model_config
+        self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.page_size: int | None = None
+        self.graphs: DecodeGraphRunner | None = None
+        self._staging = _BatchStaging(self._device)
+        self._kv_pool: torch.Tensor | None = None
+        self.memory_report: dict[str, float] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.graphs is not None
+
+    # ------------------------------------------------------------------ memory
+    def kv_bytes_per_token(self) -> int:
+        cfg = self.model_config
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * element
+
+    def _graphs_wanted(self) -> bool:
+        return (
+            self.config.enable_cuda_graphs
+            and self._device.type == "cuda"
+            and self.config.cuda_graph_max_bs > 0
+            and self.ops.__name__.endswith("triton_ops")  # the reference ops read host lists
+        )
+
+    def _profile_peak_activation_bytes(self, page_size: int) -> int:
+        """Run one prefill step of max_num_batched_tokens tokens against a one-page scratch cache and
+        return the peak memory it allocated (activations, logits and the sampler's temporaries)."""
+        cfg = self.model_config
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        num_logits = min(tokens, self.config.max_running_requests)
+        scratch = torch.zeros(page_size, cfg.num_key_value_heads, cfg.head_dim, dtype=self.dtype, device=self._device)
+        caches = [(scratch, scratch)] * cfg.num_hidden_layers
+        positions = torch.arange(tokens, dtype=torch.int64)
+        batch = ForwardBatch(
+            input_ids=torch.zeros(tokens, dtype=torch.int64),
+            positions=positions,
+            out_slots=positions % page_size,  # every write lands in the scratch page
+            page_tables=torch.zeros(1, -(-tokens // page_size), dtype=torch.int32),
+            seq_lens=[tokens],
+            extend_lens=[tokens],
+            logits_indices=torch.arange(tokens - num_logits, tokens, dtype=torch.int64),
+            num_decodes=0,
+            page_size=page_size,
+        )
+        torch.cuda.synchronize(self._device)
+        torch.cuda.reset_peak_memory_stats(self._device)
+        before = torch.cuda.memory_allocated(self._device)
+        on_device, meta = self._staging.upload(batch)
+        with torch.inference_mode():
+            logits = self.model(on_device, caches, meta)
+        torch.cuda.synchronize(self._device)
+        peak = torch.cuda.max_memory_allocated(self._device) - before
+        del logits, caches, scratch
+        sampler_bytes = _SAMPLER_COPIES * num_logits * cfg.vocab_size * 4
+        return peak + sampler_bytes
+
+    def _graph_reserve_bytes(self) -> int:
+        """Static logits and inputs of the largest graph, plus its activations (a decode step's are small)."""
+        if not self._graphs_wanted():
+            return 0
+        cfg = self.model_config
+        max_bs = self.config.cuda_graph_max_bs
+        logits = max_bs * cfg.vocab_size * 4
+        activations = max_bs * (cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size + 4 * cfg.hidden_size) * 4
+        return logits + activations + 128 * MiB
+
+    def num_kv_pages(self, page_size: int) -> int:
+        if page_size <= 0:
+            raise ValueError(f"page_size must be positive, got {page_size}")
+        if self._device.type != "cuda":
+            return self.config.kv_cache_tokens // page_size
+        activations = self._profile_peak_activation_bytes(page_size)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self._device)
+        in_use = total - free  # our weights, the CUDA context, and anything else on this GPU
+        graphs = self._graph_reserve_bytes()
+        budget = int(total * self.config.mem_fraction) - in_use - activations - graphs - _FIXED_RESERVE_BYTES
+        page_bytes = page_size * self.kv_bytes_per_token()
+        num_pages = budget // page_bytes - 1  # page 0 is the scratch page
+        self.memory_report = {
+            "total_gib": total / 1024**3,
+            "in_use_before_kv_gib": in_use / 1024**3,
+            "weights_gib": sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1024**3,
+            "activation_peak_gib": activations / 1024**3,
+            "graph_reserve_gib": graphs / 1024**3,
+            "kv_cache_gib": max(num_pages + 1, 0) * page_bytes / 1024**3,
+            "kv_cache_tokens": max(num_pages, 0) * page_size,
+        }
+        log.info("CUDA memory plan: %s", {k: round(v, 2) for k, v in self.memory_report.items()})
+        if num_pages < 2:
+            raise ConfigError(
+                f"no room for a KV cache: the GPU has {total / 1024**3:.1f} GiB, {in_use / 1024**3:.1f} GiB are in use "
+                f"(weights and other processes), activations need {activations / 1024**3:.2f} GiB and CUDA graphs "
+                f"{graphs / 1024**3:.2f} GiB at --mem-fraction {self.config.mem_fraction}; raise --mem-fraction, "
+                "lower --max-num-batched-tokens / --cuda-graph-max-bs, or free the GPU"
+            )
+        return int(num_pages)
+
+    def init_kv_cache(self, num_pages: int, page_size: int) -> None:
+        """One zeroed [layers, 2, slots, kv_heads, head_dim] tensor; page 0 is the scratch page. Then, if
+        enabled, capture the decode CUDA graphs over it."""
+        if num_pages <= 0 or page_size <= 0:
+            raise ValueError(f"num_pages and page_size must be positive, got {num_pages}, {page_size}")
+        cfg = self.model_config
+        slots = (num_pages + 1) * page_size
+        self._kv_pool = None
+        self.kv_caches = []
+        self.graphs = None
+        pool = torch.zeros(
+            cfg.num_hidden_layers, 2, slots, cfg.num_key_value_heads, cfg.head_dim, dtype=self.dtype, device=self._device
+        )
+        self._kv_pool = pool
+        self.kv_caches = [(pool[layer, 0], pool[layer, 1]) for layer in range(cfg.num_hidden_layers)]
+        self.page_size = page_size
+        if self._graphs_wanted():
+            self._capture_graphs(page_size)
+
+    def _capture_graphs(self, page_size: int) -> None:
+        max_bs = min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
+        runner = DecodeGraphRunner(
+            forward=self._forward_on_device,
+            page_size=page_size,
+            max_batch_size=max_bs,
+            max_pages_per_seq=-(-self.max_model_len // page_size),
+            device=self._device,
+        )
+        before = torch.cuda.memory_allocated(self._device)
+        runner.capture(progress=self.config.progress)
+        self.memory_report["graph_memory_gib"] = (torch.cuda.memory_allocated(self._device) - before) / 1024**3
+        self.graphs = runner
+
+    # ------------------------------------------------------------------ running
+    def _forward_on_device(self, batch: ForwardBatch, meta: AttentionMetadata) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(batch, self.kv_caches, meta)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        if not self.kv_caches:
+            raise RuntimeError("CUDAExecutor.forward called before init_kv_cache")
+        if batch.page_size != self.page_size:
+            raise ValueError(f"batch page_size {batch.page_size} != KV cache page_size {self.page_size}")
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
+        return self.forward_eager(batch)
+
+    def forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run the step without CUDA graphs (mixed and prefill steps, and large decode batches)."""
+        on_device, meta = self._staging.upload(batch)
+        return self._forward_on_device(on_device, meta)
+
+    def shutdown(self) -> None:
+        self.graphs = None
+        self.kv_caches = []
+        self._kv_pool = None
