@@ -9,6 +9,7 @@ be told to misbehave through POST /control {"mode": ...}:
   hang        accept generation requests and never answer
   unhealthy   /health answers 503 (generation still works)
   die_mid_stream  streams send their first chunk, then the connection is cut
+  fixed_stream    generation answers FIXED_STREAM_PARTS, written one part at a time (passthrough tests)
 
 Run standalone: `python tests/standin_worker.py --port 8101 [--name w1] [--kv-tokens 65536] [--fast]`.
 --fast serves canned answers from a bare asyncio protocol: the cheapest possible worker, for router
@@ -29,6 +30,12 @@ import xxhash
 from aiohttp import web
 
 CHARS_PER_TOKEN = 4
+# Awkward on purpose: an event split across writes, non-ASCII bytes, an SSE comment line.
+FIXED_STREAM_PARTS = (
+    b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"h\xc3\xa9"}',
+    b'}]}\n\n: keep-alive comment\n\ndata: {"id":"x","choices":[{"index":0,"delta":{"content":"!"}}]}\n\n',
+    b"data: [DONE]\n\n",
+)
 PAGE_TOKENS = 16
 PAGE_CHARS = CHARS_PER_TOKEN * PAGE_TOKENS
 
@@ -101,6 +108,7 @@ class StandinWorker:
         self.running = 0
         self.served = 0
         self.runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
         self.port: int | None = None
 
     @property
@@ -131,6 +139,7 @@ class StandinWorker:
         return self
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -206,7 +215,16 @@ class StandinWorker:
         if self.mode == "fail":
             return _error(500, "simulated worker failure")
         if self.mode == "hang":
-            await asyncio.sleep(3600)
+            await self._stopping.wait()
+            return _error(503, "stand-in stopping")
+        if self.mode == "fixed_stream":
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for part in FIXED_STREAM_PARTS:
+                await resp.write(part)
+                await asyncio.sleep(0.01)
+            await resp.write_eof()
+            return resp
         self.running += 1
         try:
             if self.response_delay_s:
