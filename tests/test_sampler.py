@@ -349,14 +349,19 @@ def test_invalid_sampling_params_name_the_field(field, value):
 
 # ---------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-def test_seeded_sampling_on_cuda_is_batch_independent():
-    base = state(seed=77, temperature=1.0, top_k=50)
+@pytest.mark.parametrize("settings", [dict(top_k=50), dict(top_p=0.9, min_p=0.01), dict(frequency_penalty=0.5)])
+def test_seeded_sampling_on_cuda_is_batch_independent(settings):
+    base = state(seed=77, temperature=1.0, **settings)
 
     def cuda_logits(step, mine):
         return flat_logits(step, mine).cuda()
 
     alone = generate(Sampler(500, "cuda"), cuda_logits, base, steps=6)
-    crowded = generate(Sampler(500, "cuda", seed=5), cuda_logits, base, steps=6, others=7, row=4)
+    crowded = generate(Sampler(500, "cuda", seed=5), cuda_logits, base, steps=6, others=31, row=17)
     assert alone == crowded
+
+
+@pytest.mark.gpu
+def test_greedy_on_cuda_is_argmax():
     logits = random_logits(8, 500).cuda()
     assert Sampler(500, "cuda")(logits, [state(temperature=0.0)] * 8).token_ids == logits.argmax(-1).tolist()
