@@ -69,12 +69,16 @@ async def _stream(request: web.Request, ctx: ServerContext, chat: ChatRequest, g
         "created": int(time.time()),
         "model": ctx.model_name,
     }
-    if chat.include_usage:
+    if chat.include_usage or chat.continuous_usage:
         header["usage"] = None  # as OpenAI: every chunk has "usage", null but in the last one
 
     def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
-        return {**header, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                       "finish_reason": finish_reason}]}
+        event = {**header, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                        "finish_reason": finish_reason}]}
+        if chat.continuous_usage:
+            event["usage"] = usage(generation.num_prompt_tokens, generation.num_completion_tokens,
+                                   generation.num_cached_tokens)
+        return event
 
     def chunks(updates: list[ChoiceUpdate]) -> list[dict]:
         events = []
@@ -96,7 +100,7 @@ async def _stream(request: web.Request, ctx: ServerContext, chat: ChatRequest, g
             await writer.send([error.body()])
             await writer.send_done()
             return writer.response
-        if chat.include_usage:
+        if chat.include_usage or chat.continuous_usage:
             await writer.send([{**header, "choices": [], "usage": usage(
                 generation.num_prompt_tokens, generation.num_completion_tokens, generation.num_cached_tokens)}])
         await writer.send_done()

@@ -101,7 +101,7 @@ async def _stream(request: web.Request, ctx: ServerContext, completion: Completi
     n = completion.params.n
     header = {"id": new_response_id("cmpl"), "object": "text_completion", "created": int(time.time()),
               "model": ctx.model_name}
-    if completion.include_usage:
+    if completion.include_usage or completion.continuous_usage:
         header["usage"] = None
     offsets = [len(echo[i // n]) if echo else 0 for i in range(n * len(generations))]
     logprob_formatters = [CompletionLogprobs(ctx.token_texts, offset) for offset in offsets]
@@ -118,8 +118,11 @@ async def _stream(request: web.Request, ctx: ServerContext, completion: Completi
             if completion.logprobs is not None and update.logprobs:
                 logprobs = logprob_formatters[update.index].format(update.logprobs)
             if text or logprobs or update.finish_reason:
-                events.append({**header, "choices": [{"index": update.index, "text": text, "logprobs": logprobs,
-                                                      "finish_reason": update.finish_reason}]})
+                event = {**header, "choices": [{"index": update.index, "text": text, "logprobs": logprobs,
+                                                "finish_reason": update.finish_reason}]}
+                if completion.continuous_usage:
+                    event["usage"] = usage(*_totals(generations))
+                events.append(event)
         return events
 
     try:
@@ -132,7 +135,7 @@ async def _stream(request: web.Request, ctx: ServerContext, completion: Completi
             await writer.send([error.body()])
             await writer.send_done()
             return writer.response
-        if completion.include_usage:
+        if completion.include_usage or completion.continuous_usage:
             await writer.send([{**header, "choices": [], "usage": usage(*_totals(generations))}])
         await writer.send_done()
     except ClientGone:

@@ -75,6 +75,7 @@ class CompletionRequest:
     include_usage: bool = False
     echo: bool = False
     logprobs: int | None = None  # top-k alternatives per token; None: no logprobs
+    continuous_usage: bool = False  # usage (so far) in every streamed chunk
 
 
 @dataclass
@@ -88,6 +89,7 @@ class ChatRequest:
     top_logprobs: int = 0
     tools: list[dict] | None = None
     add_generation_prompt: bool = True
+    continuous_usage: bool = False  # usage (so far) in every streamed chunk
 
 
 @dataclass
@@ -151,10 +153,11 @@ def _get_model(body: dict) -> str | None:
     return _get(body, "model", str, None, "a string")
 
 
-def _get_stream(body: dict) -> tuple[bool, bool]:
+def _get_stream(body: dict) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous_usage_stats): the vLLM extension puts usage in every chunk."""
     stream = _get(body, "stream", bool, False, "a boolean")
     options = _get(body, "stream_options", dict, None, "an object")
-    include_usage = False
+    include_usage = continuous = False
     if options is not None:
         if not stream:
             raise bad_request("stream_options", "'stream_options' is only allowed when 'stream' is true.")
@@ -162,9 +165,11 @@ def _get_stream(body: dict) -> tuple[bool, bool]:
             if key not in ("include_usage", "continuous_usage_stats"):
                 raise bad_request(f"stream_options.{key}", f"Unrecognized stream option: {key}")
         include_usage = options.get("include_usage") or False
-        if not isinstance(include_usage, bool):
-            raise bad_request("stream_options.include_usage", "'include_usage' must be a boolean.")
-    return stream, include_usage
+        continuous = options.get("continuous_usage_stats") or False
+        for name, value in (("include_usage", include_usage), ("continuous_usage_stats", continuous)):
+            if not isinstance(value, bool):
+                raise bad_request(f"stream_options.{name}", f"'{name}' must be a boolean.")
+    return stream, include_usage, continuous
 
 
 def _check_logit_bias(body: dict) -> None:
@@ -204,7 +209,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     body = expect_object(body)
     _reject_unknown(body, COMPLETION_FIELDS)
     model = _get_model(body)
-    stream, include_usage = _get_stream(body)
+    stream, include_usage, continuous_usage = _get_stream(body)
     _check_logit_bias(body)
     prompts = _parse_prompts(body.get("prompt"))
     if _get(body, "suffix", str, None, "a string"):
@@ -220,7 +225,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     best_of = _positive_int_or_none(body, "best_of")
     if best_of is not None and best_of != params.n:
         raise bad_request("best_of", "'best_of' other than 'n' is not supported; set best_of = n or leave it out.")
-    return CompletionRequest(model, prompts, params, stream, include_usage, echo, logprobs)
+    return CompletionRequest(model, prompts, params, stream, include_usage, echo, logprobs, continuous_usage)
 
 
 def _parse_prompts(prompt: Any) -> list[str | list[int]]:
@@ -258,7 +263,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     body = expect_object(body)
     _reject_unknown(body, CHAT_FIELDS)
     model = _get_model(body)
-    stream, include_usage = _get_stream(body)
+    stream, include_usage, continuous_usage = _get_stream(body)
     _check_logit_bias(body)
     messages = parse_messages(body.get("messages"))
     tools = _get(body, "tools", list, None, "an array")
@@ -278,7 +283,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     params = _sampling_params(body, max_tokens, max_name, (top_logprobs or 0) if logprobs else None, "top_logprobs")
     add_generation_prompt = _get(body, "add_generation_prompt", bool, True, "a boolean")
     return ChatRequest(model, messages, params, stream, include_usage, logprobs, top_logprobs or 0, tools,
-                       add_generation_prompt)
+                       add_generation_prompt, continuous_usage)
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
