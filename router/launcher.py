@@ -1,0 +1,285 @@
+"""`radixfleet up`: start N local workers and the router in front of them, and keep them running.
+
+One worker per visible GPU (CUDA_VISIBLE_DEVICES set to that GPU), or 2 CPU workers on the built-in
+demo model when there is no GPU. Waits for every worker's /health, starts the router, prints the
+endpoint. Every child's output is relayed line by line with a prefix ([worker0] ..., [router] ...).
+A crashed child is restarted with exponential backoff; Ctrl-C / SIGTERM stops everything (the router
+first, so it drains, then the workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from router.policies import POLICY_NAMES
+
+DEFAULT_CPU_WORKERS = 2
+
+
+@dataclass
+class ProcessSpec:
+    """One child process: its log prefix name, command line and extra environment."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    health_url: str | None = None
+
+
+class Backoff:
+    """Restart delays: initial, doubled per crash up to max_s; reset once a run lasted stable_s."""
+
+    def __init__(self, initial_s: float = 1.0, max_s: float = 30.0, stable_s: float = 60.0) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.stable_s = stable_s
+        self._next = initial_s
+
+    def delay_after(self, uptime_s: float) -> float:
+        """Delay before restarting a process that ran `uptime_s` seconds before exiting."""
+        if uptime_s >= self.stable_s:
+            self._next = self.initial_s
+        delay = self._next
+        self._next = min(self._next * 2, self.max_s)
+        return delay
+
+
+def detect_gpus(env: dict[str, str] | None = None) -> list[str]:
+    """Visible GPU ids: CUDA_VISIBLE_DEVICES when set, else what nvidia-smi lists, else none."""
+    env = os.environ if env is None else env
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def plan_workers(num_workers: int | None, device: str, gpus: list[str], model: str | None, base_port: int,
+                 worker_cmd: str | None = None, host: str = "127.0.0.1") -> list[ProcessSpec]:
+    """The worker processes to start. Pure: GPU list and command template are given."""
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    if device == "cuda" and not gpus:
+        raise ValueError("--device cuda but no GPU is visible (check nvidia-smi / CUDA_VISIBLE_DEVICES), "
+                         "or use --device cpu")
+    if num_workers is None:
+        num_workers = len(gpus) if device == "cuda" else DEFAULT_CPU_WORKERS
+    if num_workers < 1:
+        raise ValueError("--num-workers must be at least 1")
+    if device == "cuda" and num_workers > len(gpus):
+        raise ValueError(f"--num-workers {num_workers} but only {len(gpus)} GPU(s) are visible: "
+                         "one worker per GPU")
+    model = model or "demo"
+    specs = []
+    for index in range(num_workers):
+        port = base_port + index
+        if worker_cmd:
+            argv = shlex.split(worker_cmd.format(port=port, index=index, device=device, model=model,
+                                                 python=sys.executable))
+        else:
+            argv = [sys.executable, "-m", "worker.cli", "worker", "--model", model, "--port", str(port),
+                    "--device", device]
+        env = {"CUDA_VISIBLE_DEVICES": gpus[index]} if device == "cuda" else {}
+        specs.append(ProcessSpec(f"worker{index}", argv, env, f"http://{host}:{port}/health"))
+    return specs
+
+
+def plan_router(worker_specs: list[ProcessSpec], port: int, policy: str, host: str = "0.0.0.0",
+                extra: list[str] | None = None) -> ProcessSpec:
+    urls = [spec.health_url.rsplit("/health", 1)[0] for spec in worker_specs if spec.health_url]
+    argv = [sys.executable, "-m", "worker.cli", "router", "--worker-urls", *urls, "--port", str(port),
+            "--policy", policy, "--host", host, *(extra or [])]
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return ProcessSpec("router", argv, {}, f"http://{probe_host}:{port}/health")
+
+
+def _say(message: str) -> None:
+    print(f"[launcher] {message}", flush=True)
+
+
+class ManagedProcess:
+    """A child process whose output is relayed with a prefix, restarted with backoff when it dies."""
+
+    def __init__(self, spec: ProcessSpec, backoff: Backoff | None = None) -> None:
+        self.spec = spec
+        self.backoff = backoff or Backoff()
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stopping = False
+        self.restarts = 0
+        self._supervisor: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _spawn(self) -> None:
+        env = {**os.environ, **self.spec.env, "PYTHONUNBUFFERED": "1"}
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.spec.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+            start_new_session=True)  # our own signal handling decides when children stop
+        self.started_at = time.monotonic()
+        _say(f"started {self.spec.name} (pid {self.proc.pid}): {shlex.join(self.spec.argv)}")
+        asyncio.get_running_loop().create_task(self._relay(self.proc))
+
+    async def _relay(self, proc: asyncio.subprocess.Process) -> None:
+        prefix = f"[{self.spec.name}] ".encode()
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                return
+            sys.stdout.buffer.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
+            sys.stdout.flush()
+
+    async def _supervise(self) -> None:
+        while True:
+            assert self.proc is not None
+            code = await self.proc.wait()
+            if self.stopping:
+                return
+            delay = self.backoff.delay_after(time.monotonic() - self.started_at)
+            self.restarts += 1
+            _say(f"{self.spec.name} exited with code {code}; restarting in {delay:.1f}s")
+            await asyncio.sleep(delay)
+            if self.stopping:
+                return
+            await self._spawn()
+
+    async def stop(self, timeout_s: float = 15.0) -> None:
+        self.stopping = True
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                await asyncio.wait_for(proc.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                _say(f"{self.spec.name} did not stop in {timeout_s:.0f}s; killing it")
+                proc.kill()
+                await proc.wait()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+
+
+async def wait_healthy(url: str, process: ManagedProcess, timeout_s: float, stop: asyncio.Event) -> bool:
+    """Poll a /health URL until it answers 200 (True), the timeout passes or a stop is asked (False)."""
+    import aiohttp
+
+    deadline = time.monotonic() + timeout_s
+    last_report = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline and not stop.is_set():
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    if resp.status == 200:
+                        return True
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                pass
+            if time.monotonic() - last_report > 15:
+                last_report = time.monotonic()
+                _say(f"still waiting for {process.spec.name} to become healthy...")
+            try:
+                await asyncio.wait_for(stop.wait(), 0.25)
+            except asyncio.TimeoutError:
+                pass
+    return False
+
+
+async def launch(workers: list[ProcessSpec], router: ProcessSpec, health_timeout_s: float,
+                 endpoint: str, stop: asyncio.Event | None = None) -> int:
+    """Start everything, wait for health, print the endpoint, then supervise until stopped."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover
+            pass
+    managed = [ManagedProcess(spec) for spec in workers]
+    router_proc = ManagedProcess(router)
+    code = 0
+    try:
+        for proc in managed:
+            await proc.start()
+        _say(f"waiting for {len(managed)} worker(s) to become healthy (model loading can take a while)")
+        results = await asyncio.gather(*(wait_healthy(p.spec.health_url, p, health_timeout_s, stop)
+                                         for p in managed))
+        if stop.is_set():
+            return 130
+        if not all(results):
+            bad = [p.spec.name for p, ok in zip(managed, results) if not ok]
+            _say(f"{', '.join(bad)} not healthy after {health_timeout_s:.0f}s: see their logs above; stopping")
+            return 1
+        await router_proc.start()
+        if not await wait_healthy(router.health_url, router_proc, 60, stop):
+            if stop.is_set():
+                return 130
+            _say("the router did not become healthy: see its log above; stopping")
+            return 1
+        print(f"\nradixfleet is up: {endpoint}  (OpenAI API; {len(managed)} workers)\n"
+              f"  try: curl {endpoint}/chat/completions -H 'Content-Type: application/json' "
+              "-d '{\"model\": \"demo\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'\n"
+              "  Ctrl-C stops everything.\n", flush=True)
+        await stop.wait()
+    finally:
+        _say("stopping: router first (drains in-flight requests), then workers")
+        await router_proc.stop()
+        await asyncio.gather(*(p.stop() for p in managed))
+        _say("stopped")
+    return code
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="workers to start (default: one per visible GPU; 2 on CPU)")
+    parser.add_argument("--model", default="demo", help="checkpoint folder or built-in model name (default demo)")
+    parser.add_argument("--port", type=int, default=8000, help="router port (the endpoint clients use)")
+    parser.add_argument("--host", default="0.0.0.0", help="router bind address")
+    parser.add_argument("--policy", choices=POLICY_NAMES, default="cache_aware")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--worker-base-port", type=int, default=8100, help="worker i listens on this + i")
+    parser.add_argument("--health-timeout", type=float, default=900.0,
+                        help="seconds to wait for workers to load and report healthy")
+    parser.add_argument("--api-key", default=None, help="passed to the router (clients must send it)")
+    parser.add_argument("--worker-cmd", default=None, help=argparse.SUPPRESS)  # tests: {port} {index} {device} {model} {python}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        gpus = [] if args.device == "cpu" else detect_gpus()
+        workers = plan_workers(args.num_workers, args.device, gpus, args.model, args.worker_base_port,
+                               args.worker_cmd)
+    except ValueError as exc:
+        print(f"radixfleet up: {exc}", file=sys.stderr)
+        return 2
+    extra = ["--api-key", args.api_key] if args.api_key else []
+    router = plan_router(workers, args.port, args.policy, args.host, extra)
+    shown_host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+    endpoint = f"http://{shown_host}:{args.port}/v1"
+    device = "cuda" if workers[0].env.get("CUDA_VISIBLE_DEVICES") is not None else "cpu"
+    _say(f"{len(workers)} {device} worker(s) on model {args.model}, router policy {args.policy}")
+    try:
+        import uvloop
+
+        return uvloop.run(launch(workers, router, args.health_timeout, endpoint))
+    except ImportError:  # pragma: no cover
+        return asyncio.run(launch(workers, router, args.health_timeout, endpoint))
