@@ -212,6 +212,8 @@ doctor dentist lawyer judge farmer fisherman carpenter plumber electrician mecha
 elephant giraffe tiger lion monkey rabbit turtle dolphin whale shark eagle owl penguin butterfly spider
 mountain volcano glacier canyon meadow prairie jungle swamp beach coast cliff cave waterfall pond stream
 happiness sadness anger fear surprise courage patience kindness honesty wisdom freedom justice knowledge
+hello hi hey thanks thank please yes okay sorry goodbye welcome sure great maybe hmm wow oops cheers
+assistant user system tool message reply prompt chat conversation summary translate explain describe list
 """.split()
 _VERBS = """
 see saw seen seeing sees make made making makes take took taken taking takes give gave given giving gives
