@@ -136,7 +136,8 @@ class LLM:
 
     @staticmethod
     def _apply(result: RequestOutput, text_state: ChoiceTextState, out: EngineOutput) -> bool:
-        """Fold one engine event into the result. Returns True when a stop string just ended the choice."""
+        """Fold one engine event into the result. Returns True when a stop string ended a choice the engine
+        is still generating, so the caller must abort it there."""
         choice = result.outputs[out.index]
         if choice.finish_reason is not None:
             return False  # already ended by a stop string; this is the engine's abort echo
@@ -144,14 +145,16 @@ class LLM:
         choice.token_ids.extend(out.new_token_ids)
         if out.logprobs is not None:
             choice.logprobs = (choice.logprobs or []) + list(out.logprobs)
-        delta, stop_str = text_state.feed(out.new_token_ids)
+        delta, stop_str = text_state.feed(out.new_token_ids, stop_token_id=out.stop_token_id)
+        if stop_str is None and out.finish_reason is not None:
+            tail, stop_str = text_state.flush()
+            delta += tail
         choice.text += delta
         if stop_str is not None:
             choice.finish_reason = FinishReason.STOP
             choice.stop_reason = stop_str
-            return True
+            return out.finish_reason is None  # abort in the engine only if it is still generating
         if out.finish_reason is not None:
-            choice.text += text_state.flush()
             choice.finish_reason = out.finish_reason
             choice.stop_reason = out.stop_token_id
         return False
