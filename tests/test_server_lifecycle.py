@@ -113,8 +113,10 @@ def test_sigterm_stops_listening_aborts_in_flight_and_exits_cleanly(worker):
     assert worker.process.wait(60) == 0
     assert stream.done.wait(30)
     assert stream.finish_reasons() == ["abort"] and stream.events[-1] == b"[DONE]"
-    with socket.socket() as sock:  # the port is free again
+    with socket.socket() as sock:  # a new server can listen on the port (closed connections may be in TIME_WAIT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", worker.port))
+        sock.listen()
     wait_for(lambda: not _alive(engine_pid), "the engine process to exit", 30)
     assert "stopped" in worker.log_text()
 

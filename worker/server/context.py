@@ -74,9 +74,6 @@ class ServerContext:
                 f"Lower '{max_tokens_param}' to at most {self.max_model_len - n}.",
                 code="context_length_exceeded",
             )
-        vocab = getattr(self.tokenizer, "vocab_size", None)
-        if vocab and any(t >= vocab for t in prompt_token_ids):
-            raise bad_request(prompt_param, f"token ids must be below the vocabulary size {vocab}.")
 
     def check_capacity(self, new_requests: int = 1) -> None:
         """503 + Retry-After when the waiting queue is full (counted here, before the engine sees it)."""
