@@ -14,14 +14,30 @@ from worker.engine.sampler import SamplingState
 from worker.engine.scheduler import ScheduledBatch
 
 
+def _token_slice(seq, start: int, end: int) -> list[int]:
+    """seq.token_ids()[start:end] without concatenating the whole prompt and output each step."""
+    prompt = seq.prompt_token_ids
+    n_prompt = len(prompt)
+    if end <= n_prompt:
+        return prompt[start:end]
+    output = seq.output_token_ids
+    if start >= n_prompt:
+        return output[start - n_prompt : end - n_prompt]
+    return prompt[start:] + output[: end - n_prompt]
+
+
 def build_forward_batch(batch: ScheduledBatch, page_size: int) -> tuple[ForwardBatch, list[int]]:
     """Returns the ForwardBatch (on CPU; the executor moves it) and the batch rows that sample.
 
     Rows that sample are those whose chunk reaches their last token; their logits come back in that order.
+    Per-step host work is on the engine's critical path (every decode step pays it), so single-token
+    rows are handled with plain integer arithmetic and only prefill chunks use numpy ranges.
     """
     input_ids: list[int] = []
     positions: list[np.ndarray] = []
     slots: list[np.ndarray] = []
+    one_positions: list[int] = []  # rows computing one token (decodes come first in the batch)
+    one_slots: list[int] = []
     seq_lens: list[int] = []
     extend_lens: list[int] = []
     logits_indices: list[int] = []
@@ -30,18 +46,24 @@ def build_forward_batch(batch: ScheduledBatch, page_size: int) -> tuple[ForwardB
     for row, (seq, n_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
         start = seq.num_computed
         end = start + n_new
-        tokens = seq.token_ids()
-        input_ids.extend(tokens[start:end])
-        pos = np.arange(start, end, dtype=np.int64)
-        pages = np.asarray(seq.pages, dtype=np.int64)
-        positions.append(pos)
-        slots.append(pages[pos // page_size] * page_size + pos % page_size)
+        input_ids.extend(_token_slice(seq, start, end))
+        if n_new == 1 and not positions:
+            one_positions.append(start)
+            one_slots.append(seq.pages[start // page_size] * page_size + start % page_size)
+        else:
+            pos = np.arange(start, end, dtype=np.int64)
+            pages = np.asarray(seq.pages[: -(-end // page_size)], dtype=np.int64)
+            positions.append(pos)
+            slots.append(pages[pos // page_size] * page_size + pos % page_size)
         seq_lens.append(end)
         extend_lens.append(n_new)
         max_pages = max(max_pages, -(-end // page_size))
         if end == seq.num_tokens:
             logits_indices.append(len(input_ids) - 1)
             sampling_rows.append(row)
+    if one_positions:
+        positions.insert(0, np.asarray(one_positions, dtype=np.int64))
+        slots.insert(0, np.asarray(one_slots, dtype=np.int64))
 
     page_tables = np.zeros((len(batch.seqs), max(max_pages, 1)), dtype=np.int32)
     for row, seq in enumerate(batch.seqs):
