@@ -302,7 +302,7 @@ because|although|while|after|before|when|if|so|but|and|or|since|until|unless|eve
 _OPENERS = """
 However,|Meanwhile,|In fact,|For example,|Of course,|Later that day,|At first,|In the end,|Honestly,|As a
 result,|On the other hand,|Surprisingly,|Fortunately,|Unfortunately,|Then|Yesterday|Today|Last week|Every
-morning|Once upon a time,|To be fair,|In short,|First,|Second,|Finally,|Note:|Update:|Question:|Answer:
+morning|Hello,|Hi,|Please,|Thanks,|Yes,|No,|Okay,|Sorry,|Once upon a time,|To be fair,|In short,|First,|Second,|Finally,|Note:|Update:|Question:|Answer:
 """.replace("\n", " ").split("|")
 
 _CONTRACTIONS = """
