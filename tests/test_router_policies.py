@@ -219,7 +219,7 @@ def test_cache_aware_sends_a_repeated_prefix_to_the_worker_that_has_it():
         for doc in docs:
             d = dispatch(policy, pool, doc + f" question {turn}")
             assert d.worker is homes[doc] and d.reason == "cache_hit"
-            assert d.match_ratio > 0.9
+            assert d.match_ratio > 0.75  # chunk granularity: up to one chunk short
         finish_all(pool)
 
 

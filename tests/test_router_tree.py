@@ -82,7 +82,7 @@ def test_shrinking_capacity_evicts_and_zero_capacity_holds_nothing():
 
 def test_size_tokens_uses_chars_per_token():
     t = PrefixTree(capacity_tokens=10_000, chunk_chars=64, chars_per_token=4)
-    t.insert(chunk_hashes("z" * 640))
+    t.insert(chunk_hashes("z" * 640, 64))
     assert t.size_tokens == 160
 
 
