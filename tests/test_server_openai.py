@@ -198,11 +198,37 @@ def test_client_disconnect_frees_kv(worker):
                         break  # leaving the block closes the connection mid-stream
         return get_json(worker.url + "/load")
 
+    aborted_before = aborted_requests(worker)
     during = asyncio.run(read_a_little_then_leave())
     load = wait_until_idle(worker)
+    assert aborted_requests(worker) == aborted_before + 1
     assert load["kv_tokens_used"] == 0, load
     assert load["kv_tokens_total"] > 0
     assert during["kv_tokens_total"] == load["kv_tokens_total"]
+
+
+def test_non_streaming_client_that_leaves_frees_kv(worker):
+    async def leave_while_running():
+        body = {"model": MODEL, "prompt": LONG_TEXT, "max_tokens": 400, "ignore_eos": True}
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.ensure_future(session.post(worker.url + "/v1/completions", json=body))
+            while get_json(worker.url + "/load")["running"] == 0:
+                assert not request.done(), "the request finished before the client could leave"
+                await asyncio.sleep(0.02)
+            request.cancel()  # closes the connection while the request is generating
+
+    aborted_before = aborted_requests(worker)
+    asyncio.run(leave_while_running())
+    assert wait_until_idle(worker)["kv_tokens_used"] == 0
+    assert aborted_requests(worker) == aborted_before + 1  # aborted when the client left, not run to the end
+
+
+def aborted_requests(worker) -> float:
+    with urllib.request.urlopen(worker.url + "/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("radixfleet:request_success_total{") and 'finished_reason="abort"' in line:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_load_and_metrics(worker):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from worker.config import EngineConfig
 from worker.engine.protocol import EngineOutput, EngineRequest, EngineStats
-from worker.server.engine_process import DEFAULT_ENGINE_FACTORY, run_engine_process
+from worker.server.engine_process import DEFAULT_ENGINE_FACTORY, decode_outputs, run_engine_process
 from worker.server.errors import ApiError, bad_request, engine_unavailable, internal_error, overloaded
 
 log = logging.getLogger("radixfleet.worker")
@@ -235,7 +235,7 @@ class EngineClient:
         kind = message[0]
         if kind == "out":
             streams = self._streams
-            for output in message[1]:
+            for output in decode_outputs(message[1]):
                 stream = streams.get(output.request_id)
                 if stream is not None:  # None: aborted by us, its late events are dropped
                     stream._deliver(output)

@@ -70,6 +70,7 @@ class Generation:
         self._stream: RequestStream | None = None
         self._arrival = time.monotonic()
         self._last_token_time: float | None = None
+        self._finish_reason_of_first = FinishReason.ABORT  # the metrics label of the request
 
     @property
     def finished(self) -> bool:
@@ -101,6 +102,8 @@ class Generation:
         if not self.finished:
             self.client.abort(self.request_id)
             self._finished = [True] * self.params.n
+            if self.metrics is not None:
+                self.metrics.observe_finished(self, time.monotonic() - self._arrival, FinishReason.ABORT)
 
     # ------------------------------------------------------------------ internals
     async def _next(self) -> list[ChoiceUpdate]:
@@ -120,7 +123,7 @@ class Generation:
         if self.finished:
             self.client.release(self.request_id)
             if self.metrics is not None:
-                self.metrics.observe_finished(self, now - self._arrival)
+                self.metrics.observe_finished(self, now - self._arrival, self._finish_reason_of_first)
         return [updates[i] for i in sorted(updates)]
 
     def _apply(self, output: EngineOutput) -> ChoiceUpdate | None:
@@ -147,6 +150,8 @@ class Generation:
                 update.finish_reason = FinishReason.ABORT
         if update.finish_reason is not None:
             self._finished[i] = True
+            if i == 0:
+                self._finish_reason_of_first = update.finish_reason
         return update
 
     def _observe_token_timing(self, now: float, num_tokens: int) -> None:

@@ -75,7 +75,7 @@ class WorkerMetrics:
                               buckets=_ITL_BUCKETS, **labels)
         self._e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Time from arrival to the last token.",
                               buckets=_E2E_BUCKETS, **labels)
-        self._success = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
+        self._success = Counter(PREFIX + "request_success", "Ended requests by finish reason (abort: the client left, or a shutdown).",
                                 labelnames=["model_name", "finished_reason"], registry=self.registry)
         self._prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", **labels)
         self._generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens.", **labels)
@@ -86,7 +86,8 @@ class WorkerMetrics:
     def set_stats(self, stats: EngineStats) -> None:
         self.stats = stats
 
-    def observe_finished(self, generation: "Generation", e2e_seconds: float, reason: str = "finished") -> None:
+    def observe_finished(self, generation: "Generation", e2e_seconds: float, reason: str) -> None:
+        """A request ended: `reason` is its first choice's finish reason (stop, length, abort)."""
         self.e2e_request_latency.observe(e2e_seconds)
         self._success.labels(self.model_name, reason).inc()
         self._prompt_tokens.labels(self.model_name).inc(generation.num_prompt_tokens)
