@@ -12,6 +12,24 @@ import triton
 import triton.language as tl
 
 
+# --------------------------------------------------------------------------- rounding
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """Round float32 `x` to DTYPE's precision, returned as float32, in a way the compiler keeps.
+
+    `x.to(bf16).to(fp32)` is not enough: LLVM narrows the surrounding float32 math to bf16 and then
+    contracts a multiply and an add into one fma, which skips the product's rounding that torch does.
+    For bf16 the rounding (to nearest, ties to even) is done on the bits instead; this is also right
+    in Triton's interpreter, whose float32 -> bf16 cast truncates.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DTYPE).to(tl.float32)
+
+
 # --------------------------------------------------------------------------- RMSNorm
 @triton.jit
 def _rms_norm_kernel(
@@ -35,13 +53,15 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the add happens in x's dtype
-        tl.store(new_residual_ptr + row * stride_nr + offs, x, mask=mask)
-    x32 = x.to(tl.float32)
+        x32 = _round_to(x.to(tl.float32) + r.to(tl.float32), x.dtype)  # the add happens in x's dtype
+        tl.store(new_residual_ptr + row * stride_nr + offs, x32.to(x.dtype), mask=mask)
+    else:
+        x32 = x.to(tl.float32)
     variance = tl.sum(x32 * x32, axis=0) / hidden
-    normed = (x32 * tl.rsqrt(variance + eps)).to(x.dtype).to(tl.float32)
+    normed = _round_to(x32 * tl.rsqrt(variance + eps), x.dtype)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+    out_dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + row * stride_o + offs, _round_to(w * normed, out_dtype).to(out_dtype), mask=mask)
 
 
 def rms_norm(
@@ -115,19 +135,20 @@ def _rope_kernel(
     mask = (offs_h[:, None] < num_heads) & d_mask[None, :]
     # The reference casts cos/sin to the activation dtype before multiplying.
     dtype = x_ptr.dtype.element_ty
-    cos = tl.load(cache_ptr + pos * stride_cache + offs_d, mask=d_mask, other=0.0).to(dtype).to(tl.float32)
-    sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_d, mask=d_mask, other=0.0).to(dtype).to(tl.float32)
+    cos = _round_to(tl.load(cache_ptr + pos * stride_cache + offs_d, mask=d_mask, other=0.0), dtype)
+    sin = _round_to(tl.load(cache_ptr + pos * stride_cache + HALF + offs_d, mask=d_mask, other=0.0), dtype)
     base = x_ptr + tok * stride_x_tok + offs_h[:, None] * stride_x_head + offs_d[None, :]
     x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(base + HALF, mask=mask, other=0.0).to(tl.float32)
     # Each product is rounded to the activation dtype before the add, as torch does elementwise.
-    a1 = (x1 * cos[None, :]).to(dtype).to(tl.float32)
-    b1 = (x2 * sin[None, :]).to(dtype).to(tl.float32)
-    a2 = (x2 * cos[None, :]).to(dtype).to(tl.float32)
-    b2 = (x1 * sin[None, :]).to(dtype).to(tl.float32)
+    a1 = _round_to(x1 * cos[None, :], dtype)
+    b1 = _round_to(x2 * sin[None, :], dtype)
+    a2 = _round_to(x2 * cos[None, :], dtype)
+    b2 = _round_to(x1 * sin[None, :], dtype)
     obase = out_ptr + tok * stride_o_tok + offs_h[:, None] * stride_o_head + offs_d[None, :]
-    tl.store(obase, (a1 - b1).to(dtype), mask=mask)
-    tl.store(obase + HALF, (a2 + b2).to(dtype), mask=mask)
+    # Round explicitly, then convert exactly (Triton's interpreter truncates in float32 -> bf16 casts).
+    tl.store(obase, _round_to(a1 - b1, dtype).to(dtype), mask=mask)
+    tl.store(obase + HALF, _round_to(a2 + b2, dtype).to(dtype), mask=mask)
 
 
 def _rope_one(x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
@@ -182,8 +203,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.co
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0.0).to(tl.float32)
     g32 = gate.to(tl.float32)
-    silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype).to(tl.float32)  # F.silu rounds to the dtype
-    tl.store(out_ptr + row * stride_o + offs, (silu * up).to(gate.dtype), mask=mask)
+    silu = _round_to(g32 / (1.0 + tl.exp(-g32)), gate.dtype)  # F.silu rounds to the dtype
+    tl.store(out_ptr + row * stride_o + offs, _round_to(silu * up, gate.dtype).to(gate.dtype), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

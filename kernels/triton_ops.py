@@ -24,6 +24,7 @@ __all__ = [
     "build_rope_cache",
     "context_slots",
     "paged_attention",
+    "paged_attention_into",
     "rms_norm",
     "rope_inv_freq",
     "silu_and_mul",
@@ -67,8 +68,22 @@ def paged_attention(
     Decode sequences must come first (their tokens are rows 0 .. num_decodes-1 of q), as
     AttentionMetadata.from_batch lays them out. The new tokens' K/V must already be written.
     """
-    _check_attention_inputs(q, k_cache, v_cache, meta)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return paged_attention_into(out, q, k_cache, v_cache, meta, scale)
+
+
+def paged_attention_into(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """paged_attention writing into a caller-owned `out` ([T, H, D], q's dtype; e.g. a CUDA-graph buffer)."""
+    _check_attention_inputs(q, k_cache, v_cache, meta)
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"paged_attention: out must be {tuple(q.shape)} {q.dtype} with a contiguous last axis")
     num_decodes = meta.num_decodes
     batch = meta.seq_lens.shape[0]
     if num_decodes > 0:

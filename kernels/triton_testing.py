@@ -77,9 +77,10 @@ def make_case(
     max_pages = max(pages_needed, default=0) + 1
     table = torch.full((len(seq_lens), max_pages), poison_page, dtype=torch.int32)
     owned_slots = []
+    next_page = 0
     for b, n in enumerate(pages_needed):
-        pages = torch.tensor(order[:n], dtype=torch.int32)
-        order = order[n:]
+        pages = torch.tensor(order[next_page : next_page + n], dtype=torch.int32)
+        next_page += n
         table[b, :n] = pages
         slots = (pages.to(torch.int64)[:, None] * page_size + torch.arange(page_size)[None, :]).reshape(-1)
         owned_slots.append(slots[: seq_lens[b]])

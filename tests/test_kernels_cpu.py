@@ -48,6 +48,12 @@ def assert_close_everywhere(out: torch.Tensor, ref: torch.Tensor, dtype: torch.d
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
 
+def run_poisoned(case) -> torch.Tensor:
+    """triton_ops' paged attention into an output that starts as NaN everywhere."""
+    out = torch.full_like(case.q, float("nan"))
+    return triton_ops.paged_attention_into(out, case.q, case.k_cache, case.v_cache, case.meta, case.scale)
+
+
 def reference_attention(case):
     """torch_ref in float32 on the same inputs: the numerically best answer."""
     return torch_ref.paged_attention(
@@ -73,7 +79,8 @@ def test_decode_attention_ragged(page_size, head_dim, num_heads, num_kv_heads, d
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
     )
     out = triton_ops.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
-    assert out.dtype == dtype
+    assert out.dtype == dtype and out.shape == case.q.shape
+    out = run_poisoned(case)
     assert_close_everywhere(out, reference_attention(case), dtype)
 
 
@@ -123,7 +130,7 @@ def test_extend_attention_with_cached_prefixes(page_size, head_dim, num_heads, n
         seq_lens, extends, num_decodes=0, page_size=page_size,
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
     )
-    out = triton_ops.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
+    out = run_poisoned(case)
     assert_close_everywhere(out, reference_attention(case), dtype)
 
 
@@ -135,7 +142,7 @@ def test_mixed_decode_and_extend_batch(dtype):
     case = make_case(
         seq_lens, extends, num_decodes=3, page_size=4, num_heads=4, num_kv_heads=2, head_dim=64, dtype=dtype,
     )
-    out = triton_ops.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
+    out = run_poisoned(case)
     assert_close_everywhere(out, reference_attention(case), dtype)
 
 
@@ -163,7 +170,7 @@ def test_write_kv_writes_exactly_the_given_slots(dtype):
 
 
 # --------------------------------------------------------------------------- RMSNorm, RoPE, SiLU
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm(dtype, with_residual):
     torch.manual_seed(5)
@@ -174,14 +181,16 @@ def test_rms_norm(dtype, with_residual):
     ref_out, ref_res = torch_ref.rms_norm(x, weight, 1e-6, residual)
     out, res = triton_ops.rms_norm(x, weight, 1e-6, residual)
     assert out.dtype == ref_out.dtype
-    torch.testing.assert_close(out, ref_out, atol=1e-5 if dtype == torch.float32 else 1e-3, rtol=1e-3)
+    torch.testing.assert_close(out, ref_out, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-2)
+    if dtype != torch.float32:  # same rounding steps: at most rare one-ulp differences
+        assert (out == ref_out).float().mean() > 0.95
     if with_residual:
         assert torch.equal(res, ref_res)
     else:
         assert res is None
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim, scaling", [(64, None), (128, {"rope_type": "llama3", "factor": 8.0,
                          "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64})])
 def test_apply_rope(dtype, head_dim, scaling):
@@ -193,18 +202,23 @@ def test_apply_rope(dtype, head_dim, scaling):
     positions = torch.tensor([0, 3, 4, 100, 257, 511])
     ref_q, ref_k = torch_ref.apply_rope(q, k, positions, cache)
     out_q, out_k = triton_ops.apply_rope(q, k, positions, cache)
+    if dtype == torch.bfloat16:  # no dot involved, so the interpreter's bf16 is exact: same rounding steps
+        assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+        return
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(out_q, ref_q, **tol)
     torch.testing.assert_close(out_k, ref_k, **tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_silu_and_mul(dtype):
     torch.manual_seed(9)
     x = (3 * torch.randn(5, 2 * 100)).to(dtype)
     out = triton_ops.silu_and_mul(x)
     ref = torch_ref.silu_and_mul(x)
-    torch.testing.assert_close(out, ref, atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=1e-3)
+    torch.testing.assert_close(out, ref, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-2)
+    if dtype != torch.float32:  # same rounding steps: at most rare one-ulp differences
+        assert (out == ref).float().mean() > 0.95
 
 
 def test_ops_module_matches_reference_signatures():
