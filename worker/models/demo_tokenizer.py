@@ -346,7 +346,8 @@ def _clause(rng: random.Random) -> str:
     if rng.random() < 0.5:
         parts.append(rng.choice(_PLACES).strip())
     if rng.random() < 0.25:
-        parts.append(f"with {_number(rng)} {rng.choice(_NOUNS)}s")
+        unit = rng.choice(("days", "hours", "minutes", "people", "dollars", "miles", "years", "points", "pages"))
+        parts.append(f"{rng.choice(('for', 'with', 'after', 'about'))} {_number(rng)} {unit}")
     return " ".join(parts)
 
 
