@@ -275,8 +275,9 @@ class EngineClient:
             listener(stats)
 
     def _on_engine_dead(self, reason: str) -> None:
-        if self.dead_reason is None or self.dead_reason == "the engine failed to start":
-            self.dead_reason = self.dead_reason or reason
+        """The engine process is gone (or its loop crashed): unhealthy from now on, open streams fail."""
+        if self.dead_reason is None:
+            self.dead_reason = reason
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(EngineStartError(reason))
         if not self._stopping:
