@@ -40,8 +40,14 @@ def format_table(rows: Sequence[dict], columns: Sequence[str], title: str | None
     cells = [[format_value(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
 
+    # Text columns read best left-aligned, numbers right-aligned.
+    numeric = [
+        i > 0 and all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows)
+        for i, c in enumerate(columns)
+    ]
+
     def line(values: Sequence[str]) -> str:
-        parts = [values[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(values[1:], widths[1:])]
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
         return "  ".join(parts).rstrip()
 
     out = []

@@ -4,9 +4,9 @@
   identical tokens until a near-tie in the logits. bf16 engines round differently (fused kernels, other
   GEMM tilings), so where transformers' top two logits are closer than the two implementations disagree,
   either token is a correct greedy choice. The test measures that disagreement on the prompt's last
-  position, calls a divergence a near-tie only where transformers' top-2 margin is below
-  max(0.05, 2 x that error) and our token is transformers' runner-up, and says so in its skip message;
-  any other divergence fails with the step, the tokens and the margin.
+  position, calls a divergence a near-tie only where transformers' logit for our token is within
+  max(0.05, 2 x that error) of its best (bf16 logits often tie exactly), and says so in its skip
+  message; any other divergence fails with the step, the tokens and the margin.
 - CUDA graph replay (padded batch sizes included) equals the eager forward.
 - A mixed batch (decodes + prefill chunks over cached prefixes) equals running each sequence alone.
 - The KV pool sizing respects --mem-fraction.
@@ -107,11 +107,6 @@ def executor_greedy(executor, prompts: list[list[int]], max_new: int):
     return outputs, first_logits
 
 
-def top2_margin(logits: torch.Tensor) -> tuple[float, int, int]:
-    values, ids = logits.topk(2)
-    return float(values[0] - values[1]), int(ids[0]), int(ids[1])
-
-
 # --------------------------------------------------------------------------- greedy vs transformers
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("preset", ["qwen3-0.6b", "llama3-8b"])
@@ -135,14 +130,18 @@ def test_greedy_matches_transformers(preset, tmp_path_factory):
         diverged = next((k for k, (a, b) in enumerate(zip(hf_tokens, ours)) if a != b), None)
         if diverged is None:
             continue
-        margin, best, runner_up = top2_margin(hf_logits[diverged])
+        step_logits = hf_logits[diverged]
+        best = int(step_logits.argmax())
+        # How much transformers prefers its token over ours: bf16 logits are coarse (0.0625 apart near 10),
+        # so exact ties between several tokens are common in a 150k vocabulary.
+        margin = float(step_logits[best] - step_logits[ours[diverged]])
         threshold = max(NEAR_TIE_FLOOR, NEAR_TIE_ERROR_FACTOR * error)
         detail = (
             f"prompt {i} ({len(prompts[i])} tokens): same {diverged} tokens, then transformers chose {best} and "
-            f"the CUDA executor {ours[diverged]}; transformers' top-2 margin there is {margin:.4f}, the logit "
-            f"error on the prompt's last position {error:.4f} (near-tie threshold {threshold:.4f})"
+            f"the CUDA executor {ours[diverged]}, whose transformers logit is {margin:.4f} below the best; "
+            f"the logit error on the prompt's last position is {error:.4f} (near-tie threshold {threshold:.4f})"
         )
-        assert margin < threshold and ours[diverged] == runner_up, f"real divergence, not a near-tie: {detail}"
+        assert margin < threshold, f"real divergence, not a near-tie: {detail}"
         near_ties.append(detail)
     if near_ties:
         pytest.skip("greedy tokens matched transformers up to a near-tie in bf16 logits, where either token is "

@@ -45,6 +45,19 @@ def _triton_ops() -> ModuleType:
     return triton_ops
 
 
+_ALIGN = 16  # elements
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    """Start offsets of consecutive fields, each rounded up to _ALIGN elements; the last entry is the total."""
+    offsets, at = [], 0
+    for size in sizes:
+        offsets.append(at)
+        at += -(-size // _ALIGN) * _ALIGN
+    offsets.append(at)
+    return offsets
+
+
 class _BatchStaging:
     """Moves a CPU ForwardBatch to the GPU: two pinned host buffers (int64, int32), two async copies.
 
@@ -82,49 +95,51 @@ class _BatchStaging:
 
         if self._copied is not None:
             self._copied.synchronize()
-        n64 = 3 * num_tokens + num_logits
-        host64, dev64 = self._buffers("i64", n64, torch.int64)
+        # Each field starts at a multiple of 16 elements: every device view is then 64-byte aligned, so
+        # Triton compiles one (vectorised) variant per kernel instead of one per alignment it meets.
+        o64 = _offsets([num_tokens, num_tokens, num_tokens, num_logits])
+        host64, dev64 = self._buffers("i64", o64[-1], torch.int64)
         h64 = host64.numpy()
-        h64[0:num_tokens] = batch.input_ids.numpy()
-        h64[num_tokens : 2 * num_tokens] = batch.positions.numpy()
-        h64[2 * num_tokens : 3 * num_tokens] = batch.out_slots.numpy()
-        h64[3 * num_tokens : n64] = batch.logits_indices.numpy()
+        h64[o64[0] : o64[0] + num_tokens] = batch.input_ids.numpy()
+        h64[o64[1] : o64[1] + num_tokens] = batch.positions.numpy()
+        h64[o64[2] : o64[2] + num_tokens] = batch.out_slots.numpy()
+        h64[o64[3] : o64[3] + num_logits] = batch.logits_indices.numpy()
 
-        n32 = 4 * batch_size + batch_size * width
-        host32, dev32 = self._buffers("i32", n32, torch.int32)
+        o32 = _offsets([batch_size, batch_size, batch_size, batch_size, batch_size * width])
+        host32, dev32 = self._buffers("i32", o32[-1], torch.int32)
         h32 = host32.numpy()
-        h32[0:batch_size] = seq_lens
-        h32[batch_size : 2 * batch_size] = extend_lens
-        h32[2 * batch_size : 3 * batch_size] = seq_lens - extend_lens
-        h32[3 * batch_size : 4 * batch_size] = starts
-        h32[4 * batch_size : n32] = batch.page_tables.numpy().reshape(-1)
+        h32[o32[0] : o32[0] + batch_size] = seq_lens
+        h32[o32[1] : o32[1] + batch_size] = extend_lens
+        h32[o32[2] : o32[2] + batch_size] = seq_lens - extend_lens
+        h32[o32[3] : o32[3] + batch_size] = starts
+        h32[o32[4] : o32[4] + batch_size * width] = batch.page_tables.numpy().reshape(-1)
 
-        d64 = dev64[:n64]
-        d64.copy_(host64[:n64], non_blocking=True)
-        d32 = dev32[:n32]
-        d32.copy_(host32[:n32], non_blocking=True)
+        d64 = dev64[: o64[-1]]
+        d64.copy_(host64[: o64[-1]], non_blocking=True)
+        d32 = dev32[: o32[-1]]
+        d32.copy_(host32[: o32[-1]], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
 
-        page_tables = d32[4 * batch_size :].view(batch_size, width)
-        out_slots = d64[2 * num_tokens : 3 * num_tokens]
+        page_tables = d32[o32[4] : o32[4] + batch_size * width].view(batch_size, width)
+        out_slots = d64[o64[2] : o64[2] + num_tokens]
         on_device = ForwardBatch(
-            input_ids=d64[:num_tokens],
-            positions=d64[num_tokens : 2 * num_tokens],
+            input_ids=d64[o64[0] : o64[0] + num_tokens],
+            positions=d64[o64[1] : o64[1] + num_tokens],
             out_slots=out_slots,
             page_tables=page_tables,
             seq_lens=batch.seq_lens,
             extend_lens=batch.extend_lens,
-            logits_indices=d64[3 * num_tokens : n64],
+            logits_indices=d64[o64[3] : o64[3] + num_logits],
             num_decodes=batch.num_decodes,
             page_size=batch.page_size,
         )
         meta = AttentionMetadata(
             page_tables=page_tables,
-            seq_lens=d32[0:batch_size],
-            extend_lens=d32[batch_size : 2 * batch_size],
-            prefix_lens=d32[2 * batch_size : 3 * batch_size],
-            extend_starts=d32[3 * batch_size : 4 * batch_size],
+            seq_lens=d32[o32[0] : o32[0] + batch_size],
+            extend_lens=d32[o32[1] : o32[1] + batch_size],
+            prefix_lens=d32[o32[2] : o32[2] + batch_size],
+            extend_starts=d32[o32[3] : o32[3] + batch_size],
             out_slots=out_slots,
             page_size=batch.page_size,
             num_decodes=batch.num_decodes,

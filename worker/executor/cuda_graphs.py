@@ -63,7 +63,7 @@ class DecodeGraphRunner:
         self.device = device
         self.batch_sizes: list[int] = []
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
+        self._logits: torch.Tensor | None = None  # [max_batch_size, vocab] float32, written by every graph
 
         n = max_batch_size
         # Static device inputs. Rows of one int64 block: token ids, positions, KV slots.
@@ -130,14 +130,20 @@ class DecodeGraphRunner:
                 # Warm up on a side stream (Triton compiles, cuBLAS picks its kernels) outside the capture.
                 stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(stream):
-                    self.forward(batch, meta)
+                    warm = self.forward(batch, meta)
                 torch.cuda.current_stream(self.device).wait_stream(stream)
+                if self._logits is None:
+                    # Every graph leaves its logits in this one buffer: a graph's own output would stay
+                    # allocated for its lifetime, and ~25 of them add up to GiBs at a 150k vocabulary.
+                    self._logits = torch.empty(
+                        (self.max_batch_size, warm.shape[1]), dtype=warm.dtype, device=self.device
+                    )
+                del warm
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    output = self.forward(batch, meta)
+                    self._logits[:bs].copy_(self.forward(batch, meta))
                 pool = graph.pool()
                 self._graphs[bs] = graph
-                self._outputs[bs] = output
                 bar.set_postfix_str(f"bs={bs}")
                 bar.update()
         torch.cuda.synchronize(self.device)
@@ -194,4 +200,4 @@ class DecodeGraphRunner:
         self._page_tables[:bs, :width].copy_(staged.view(bs, width))
         self._copied.record()
         self._graphs[graph_bs].replay()
-        return self._outputs[graph_bs][:bs]
+        return self._logits[:bs]
