@@ -155,10 +155,11 @@ async def _warm_up(url: str, model: str | None) -> None:
 
 
 # ---------------------------------------------------------------------- offline engine
-def run_offline(config, items: list[WorkItem]) -> tuple[int, float]:
+def run_offline(config, items: list[WorkItem]) -> dict:
     """The same workload through LLMEngine in this process, all requests queued at once.
 
-    Returns (output tokens, seconds from the first add_request to the last token).
+    Returns output tokens, seconds from the first add_request to the last token, and the number of
+    engine steps (the HTTP worker logs its own count, to compare batch sizes).
     """
     from worker.engine.llm_engine import LLMEngine
     from worker.engine.protocol import EngineRequest
@@ -175,10 +176,14 @@ def run_offline(config, items: list[WorkItem]) -> tuple[int, float]:
         for i, item in enumerate(items):
             params = SamplingParams(max_tokens=item.output_len, temperature=0, ignore_eos=True)
             engine.add_request(EngineRequest(f"offline-{i}", item.prompt_token_ids, params))
+        steps = 0
         while engine.has_unfinished():
+            steps += 1
             for output in engine.step():
                 output_tokens += len(output.new_token_ids)
-        return output_tokens, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return {"output_tokens": output_tokens, "duration_s": seconds, "output_throughput": output_tokens / seconds,
+                "steps": steps}
     finally:
         engine.shutdown()
 
@@ -246,7 +251,8 @@ def format_report(setup: dict, summary: dict, offline: dict | None) -> str:
     if offline is not None:
         lines.append("")
         lines.append(f"offline engine (same workload, same run): {offline['output_tokens']} tokens in "
-                     f"{offline['duration_s']:.2f} s = {offline['output_throughput']:.0f} output tok/s")
+                     f"{offline['duration_s']:.2f} s = {offline['output_throughput']:.0f} output tok/s "
+                     f"({offline['steps']} steps)")
         lines.append(f"HTTP / offline output throughput: {offline['http_over_offline']:.3f} "
                      f"({offline['http_over_offline'] * 100:.1f}%)")
     return "\n".join(lines)
@@ -357,26 +363,26 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(run_http(url, args.served_model, items, args.request_rate, args.concurrency,
                                     args.workload_seed))
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or f"serve_{args.workload}_{time.strftime('%Y%m%d-%H%M%S')}"
     if args.url:
         results, duration = run_against(args.url.rstrip("/"))
     else:
         worker_args = _worker_args(args)
-        print(f"starting a worker: radixfleet worker {' '.join(worker_args)}", file=sys.stderr)
-        with WorkerProcess(worker_args, start_timeout_s=1800) as worker:
+        print(f"starting a worker: radixfleet worker {' '.join(worker_args)} (log: {out / tag}_worker.log)",
+              file=sys.stderr)
+        with WorkerProcess(worker_args, start_timeout_s=1800, log_path=str(out / f"{tag}_worker.log")) as worker:
             results, duration = run_against(worker.url)
     summary = summarize(results, duration)
 
     offline = None
     if args.compare_offline:
         print("running the same workload through the offline engine ...", file=sys.stderr)
-        tokens, seconds = run_offline(config, items)
-        offline = {"output_tokens": tokens, "duration_s": seconds, "output_throughput": tokens / seconds}
+        offline = run_offline(config, items)
         offline["http_over_offline"] = summary["output_throughput"] / offline["output_throughput"]
 
     print(format_report(setup, summary, offline))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or f"serve_{args.workload}_{time.strftime('%Y%m%d-%H%M%S')}"
     report = {"setup": setup, "engine_config": asdict(config), "http": summary, "offline": offline,
               "args": {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in vars(args).items()
                        if not callable(v)}}

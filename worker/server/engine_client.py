@@ -239,7 +239,8 @@ class EngineClient:
                 stream = streams.get(output.request_id)
                 if stream is not None:  # None: aborted by us, its late events are dropped
                     stream._deliver(output)
-            self._set_stats(message[2])
+            if message[2] is not None:
+                self._set_stats(message[2])
         elif kind == "stats":
             self._set_stats(message[1])
         elif kind == "rejected":

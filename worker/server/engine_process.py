@@ -18,7 +18,7 @@ Messages (tuples, pickled):
   frontend -> engine: ("add", [EngineRequest, ...]) | ("shutdown",)
                       ("abort", [(request_id, choice_index_or_None), ...])
   engine -> frontend: ("ready", info: dict) | ("failed", traceback_text)
-                      ("out", [encoded EngineOutput, ...], EngineStats)   one per step
+                      ("out", [encoded EngineOutput, ...], EngineStats or None)   one per step
                           (outputs travel as plain tuples: half the pickling cost of dataclasses, and
                           pickling holds the engine process's GIL)
                       ("stats", EngineStats)                      after commands handled while idle
@@ -35,13 +35,15 @@ import operator
 import os
 import pickle
 import signal
+import sys
 import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 from queue import SimpleQueue
 
 from worker.config import EngineConfig
-from worker.engine.protocol import EngineOutput
+from worker.engine.protocol import EngineOutput, EngineStats
 from worker.sampling_params import InvalidParameter
 
 DEFAULT_ENGINE_FACTORY = "worker.engine.llm_engine:LLMEngine"
@@ -56,6 +58,7 @@ def encode_outputs(outputs: list[EngineOutput]) -> list[tuple]:
 def decode_outputs(rows: list[tuple]) -> list[EngineOutput]:
     return [EngineOutput(*row) for row in rows]
 IDLE_POLL_S = 0.5  # how long an idle engine sleeps in poll() before re-checking (commands wake it at once)
+STATS_INTERVAL_S = 0.05  # how often a busy engine refreshes the frontend's /load and /metrics figures
 
 
 def load_factory(path: str):
@@ -117,6 +120,9 @@ class EngineLoop:
         self.commands = commands
         self.sender = sender
         self.running = True
+        self._last_stats = 0.0
+        self.num_steps = 0
+        self.step_seconds = 0.0  # inside engine.step(); the rest of the busy time is this loop's overhead
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -150,20 +156,26 @@ class EngineLoop:
 
     def run(self) -> None:
         while self.running:
-            busy = self.engine.has_unfinished()
-            got_commands = self._drain_commands(0 if busy else IDLE_POLL_S)
+            got_commands = self._drain_commands(0 if self.engine.has_unfinished() else IDLE_POLL_S)
             if not self.running:
                 break
             if self.engine.has_unfinished():
+                started = time.perf_counter()
                 outputs = self.engine.step()
-                self.sender.put(("out", encode_outputs(outputs), self.engine.stats()))
+                self.step_seconds += time.perf_counter() - started
+                self.num_steps += 1
+                self.sender.put(("out", encode_outputs(outputs), self._stats_if_due()))
             elif got_commands:
-                # Aborts may leave final events behind even with nothing left to run; flush them.
-                outputs = self.engine.step() if busy else []
-                if outputs:
-                    self.sender.put(("out", encode_outputs(outputs), self.engine.stats()))
-                else:
-                    self.sender.put(("stats", self.engine.stats()))
+                self.sender.put(("stats", self.engine.stats()))
+
+    def _stats_if_due(self) -> EngineStats | None:
+        """EngineStats costs time (it walks the running requests' pages), so a busy engine sends them at
+        most every STATS_INTERVAL_S; it always sends them when it falls idle, so /load shows 0 at once."""
+        now = time.monotonic()
+        if now - self._last_stats < STATS_INTERVAL_S and self.engine.has_unfinished():
+            return None
+        self._last_stats = now
+        return self.engine.stats()
 
 
 def run_engine_process(
@@ -173,9 +185,11 @@ def run_engine_process(
     engine_factory: str = DEFAULT_ENGINE_FACTORY,
 ) -> None:
     """Entry point of the engine process (a `multiprocessing` spawn target)."""
-    # Ctrl-C in a terminal reaches the whole process group: the frontend decides how to shut down
-    # and then tells this process, so it ignores SIGINT itself.
+    # Ctrl-C in a terminal, `timeout` and systemd signal the whole process group: the frontend decides
+    # how to shut down (finish or abort in-flight requests) and then tells this process, so it ignores
+    # SIGINT and SIGTERM itself. If the frontend dies instead, the command pipe reads EOF and we exit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sender = _Sender(outputs)
     try:
         engine = load_factory(engine_factory)(config)
@@ -183,14 +197,18 @@ def run_engine_process(
         sender.put(("failed", traceback.format_exc()))
         sender.close()
         return
+    loop = EngineLoop(engine, commands, sender)
+    started = time.perf_counter()
     try:
         sender.put(("ready", _engine_info(engine)))
-        EngineLoop(engine, commands, sender).run()
+        loop.run()
     except (EOFError, OSError):
         pass  # the frontend went away: nothing to report to
     except BaseException:  # noqa: BLE001
         sender.put(("fatal", traceback.format_exc()))
     finally:
+        print(f"radixfleet engine: {loop.num_steps} steps, {loop.step_seconds:.2f} s in step() over "
+              f"{time.perf_counter() - started:.2f} s up", file=sys.stderr, flush=True)
         try:
             engine.shutdown()
         finally:

@@ -33,7 +33,8 @@ class WorkerProcess:
     """One worker subprocess; its output goes to a log file (`log_text()` shows it)."""
 
     def __init__(self, args: list[str], port: int | None = None, host: str = "127.0.0.1",
-                 env: dict[str, str] | None = None, start_timeout_s: float = 300.0):
+                 env: dict[str, str] | None = None, start_timeout_s: float = 300.0, log_path: str | None = None):
+        """`log_path`: keep the worker's output there (by default a temporary file, deleted on exit)."""
         self.port = port or free_port()
         self.host = host
         self.url = f"http://{host}:{self.port}"
@@ -41,7 +42,11 @@ class WorkerProcess:
         self.env = {**os.environ, **(env or {})}
         self.start_timeout_s = start_timeout_s
         self.process: subprocess.Popen | None = None
-        self._log_file = tempfile.NamedTemporaryFile(prefix="radixfleet-worker-", suffix=".log", delete=False)
+        self._keep_log = log_path is not None
+        if log_path is not None:
+            self._log_file = open(log_path, "w+b")
+        else:
+            self._log_file = tempfile.NamedTemporaryFile(prefix="radixfleet-worker-", suffix=".log", delete=False)
         self.log_path = Path(self._log_file.name)
 
     def start(self) -> "WorkerProcess":
@@ -100,7 +105,8 @@ class WorkerProcess:
     def __exit__(self, *exc) -> None:
         self.terminate()
         self._log_file.close()
-        try:
-            self.log_path.unlink()
-        except OSError:
-            pass
+        if not self._keep_log:
+            try:
+                self.log_path.unlink()
+            except OSError:
+                pass
