@@ -107,6 +107,18 @@ def executor_greedy(executor, prompts: list[list[int]], max_new: int):
     return outputs, first_logits
 
 
+def assert_logits_close(got: torch.Tensor, want: torch.Tensor, max_error: float) -> None:
+    """Close in bf16 terms: logits come out of a bf16 matmul, so one rounding step is 0.0625-0.125 at
+    their typical size, and different GEMM tilings may move a few of them by that much. Each row's
+    chosen token must be (one of) the best in the reference too: exact ties between tokens are common."""
+    assert torch.isfinite(got).all()
+    diff = (got - want).abs()
+    assert diff.max().item() <= max_error, f"max |logit difference| {diff.max().item():.4f} > {max_error}"
+    assert diff.mean().item() <= max_error / 10, f"mean |logit difference| {diff.mean().item():.4f}"
+    chosen = want.gather(1, got.argmax(-1, keepdim=True)).squeeze(1)
+    assert (chosen >= want.max(-1).values - max_error).all(), "a row's argmax is not among the reference's best"
+
+
 # --------------------------------------------------------------------------- greedy vs transformers
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("preset", ["qwen3-0.6b", "llama3-8b"])
@@ -148,6 +160,35 @@ def test_greedy_matches_transformers(preset, tmp_path_factory):
                     "a correct greedy choice: " + " | ".join(near_ties))
 
 
+def test_engine_greedy_equals_executor(tmp_path_factory):
+    """The whole engine on the GPU (scheduler, pinned uploads, CUDA graphs, GPU sampler) produces the
+    same greedy tokens as stepping the executor by hand over the same prompts."""
+    from worker.engine.llm_engine import LLMEngine
+    from worker.engine.protocol import EngineRequest
+    from worker.sampling_params import SamplingParams
+
+    folder = checkpoint_folder("qwen3-0.6b", tmp_path_factory)
+    executor = make_executor(folder)
+    prompts = random_prompts(executor.model_config.vocab_size, PROMPT_LENGTHS, seed=12)
+    expected, _ = executor_greedy(executor, prompts, MAX_NEW)
+    executor.shutdown()
+    del executor
+
+    engine = LLMEngine(EngineConfig(model=str(folder), device="cuda", progress=False, mem_fraction=0.4,
+                                    cuda_graph_max_bs=16, page_size=PAGE_SIZE))
+    assert engine.executor.name == "cuda" and engine.executor.uses_cuda_graphs
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(EngineRequest(f"r{i}", prompt, params))
+    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[int(out.request_id[1:])].extend(out.new_token_ids)
+        engine.check_invariants()
+    engine.shutdown()
+    assert [got[i] for i in range(len(prompts))] == expected
+
+
 # --------------------------------------------------------------------------- graphs, mixed batches
 @pytest.fixture(scope="module")
 def small_executor(tmp_path_factory):
@@ -180,16 +221,14 @@ def test_graph_replay_equals_eager(small_executor, batch_size):
     eager = executor.forward_eager(batch).float().clone()
     replayed = executor.forward(batch).float().clone()
     assert replayed.shape == eager.shape == (batch_size, executor.model_config.vocab_size)
-    assert torch.isfinite(replayed).all()
     # The same kernels on the same data; only cuBLAS may tile a padded batch differently.
-    assert (replayed - eager).abs().max().item() < 0.05
-    assert torch.equal(replayed.argmax(-1), eager.argmax(-1))
+    assert_logits_close(replayed, eager, max_error=0.25)
 
     # Replaying again after a step of another size gives the same answer (no stale padding rows).
     other = build_batch([(s, 1) for s in seqs[: max(1, batch_size // 2)]], PAGE_SIZE)
     executor.forward(other)
     again = executor.forward(batch).float()
-    assert (again - replayed).abs().max().item() < 0.05
+    assert torch.equal(again, replayed)
 
 
 def test_mixed_batch_equals_separate_steps(small_executor):
@@ -211,9 +250,7 @@ def test_mixed_batch_equals_separate_steps(small_executor):
 
     mixed = executor.forward(build_batch(steps, PAGE_SIZE)).float().clone()
     alone = torch.cat([executor.forward_eager(build_batch([step], PAGE_SIZE)).float() for step in steps])
-    assert torch.isfinite(mixed).all()
-    assert (mixed - alone).abs().max().item() < 0.1
-    assert torch.equal(mixed.argmax(-1), alone.argmax(-1))
+    assert_logits_close(mixed, alone, max_error=0.5)
 
 
 def test_kv_pool_respects_mem_fraction(tmp_path_factory):
