@@ -312,3 +312,15 @@ def test_tokenizer_json_is_identical_across_processes():
         digests.add(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
                                    text=True).stdout)
     assert len(digests) == 1
+
+
+def test_ids_past_the_tokenizer_are_never_the_greedy_choice():
+    # Real-shape presets have a model vocab far larger than the built-in tokenizer: those rows are zero, so
+    # their logit (0) loses to the tokenizer's spread-out logits and generated text is never empty.
+    config = {"hidden_size": 64, "vocab_size": DEMO_VOCAB_SIZE + 500, "tie_word_embeddings": False}
+    lm_head = checkpoint_writer.generate_tensor("lm_head.weight", (config["vocab_size"], 64), config, seed=0,
+                                                dtype=torch.float32, tokenizer_size=DEMO_VOCAB_SIZE)
+    assert not lm_head[DEMO_VOCAB_SIZE:].any() and lm_head[:DEMO_VOCAB_SIZE].std() > 0
+    hidden = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    hidden = hidden / hidden.pow(2).mean(-1, keepdim=True).sqrt()  # what the final RMSNorm hands lm_head
+    assert (hidden @ lm_head.T).argmax(-1).max() < DEMO_VOCAB_SIZE

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from worker.models.chat_templates import template_for
-from worker.models.demo_tokenizer import family, tokenizer_json
+from worker.models.demo_tokenizer import DEMO_VOCAB_SIZE, family, tokenizer_json
 from worker.models.presets import Preset, generation_config, get_preset
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
@@ -142,8 +142,14 @@ def _init_std(name: str, shape: tuple[int, ...], config: dict) -> float | None:
 
 
 def generate_tensor(name: str, shape: tuple[int, ...], config: dict, seed: int, dtype: torch.dtype,
-                    device: str = "cpu") -> torch.Tensor:
-    """One parameter tensor, deterministic in (seed, name, shape, dtype, device); returned on the CPU."""
+                    device: str = "cpu", tokenizer_size: int | None = None) -> torch.Tensor:
+    """One parameter tensor, deterministic in (seed, name, shape, dtype, device); returned on the CPU.
+
+    With `tokenizer_size` smaller than the model vocab (the real-shape presets), the embedding and lm_head
+    rows of the ids past the tokenizer are zero: their logit is then always 0, below the largest of the
+    tokenizer's ~N(0, LOGIT_STD) logits, so greedy decoding never picks an id that decodes to nothing
+    (sampling rarely does), and benchmark output stays readable text.
+    """
     std = _init_std(name, shape, config)
     if std is None:
         return torch.ones(shape, dtype=dtype)
@@ -151,6 +157,8 @@ def generate_tensor(name: str, shape: tuple[int, ...], config: dict, seed: int, 
     generator.manual_seed(_tensor_seed(seed, name))
     values = torch.empty(shape, dtype=torch.float32, device=device)
     values.normal_(0.0, std, generator=generator)
+    if tokenizer_size is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
+        values[tokenizer_size:] = 0.0
     return values.to(dtype).cpu().contiguous()
 
 
@@ -269,7 +277,8 @@ def _write_weights(preset: Preset, config: dict, folder: Path, seed: int, dtype:
         for filename, tensor_names in zip(names, shards):
             tensors = {}
             for name in tensor_names:
-                tensors[name] = generate_tensor(name, shape_of[name], config, seed, dtype, device)
+                tensors[name] = generate_tensor(name, shape_of[name], config, seed, dtype, device,
+                                                tokenizer_size=DEMO_VOCAB_SIZE)
                 weight_map[name] = filename
                 bar.update(tensors[name].numel() * element_bytes)
             save_file(tensors, str(folder / filename), metadata={"format": "pt"})
