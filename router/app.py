@@ -8,6 +8,7 @@ GET /metrics. Admin (behind --admin-key; disabled without it): GET/POST/DELETE /
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import signal
@@ -25,6 +26,7 @@ from router.proxy import Proxy, json_error
 from router.request_parsing import BadRequest, dumps, loads, parse_request
 from router.sessions import SessionTable
 from router.tree import chunk_hashes
+from router.upstream import UpstreamPool
 from router.worker_pool import WorkerPool, normalize_url
 
 log = logging.getLogger("radixfleet.router")
@@ -60,6 +62,7 @@ class RouterState:
         self.active_requests = 0
         self.session: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
+        self.upstream: UpstreamPool | None = None
         self.monitor: HealthMonitor | None = None
         self.discovery: DnsDiscovery | None = None
         self._tasks: list[asyncio.Task] = []
@@ -67,7 +70,8 @@ class RouterState:
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=60)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        self.proxy = Proxy(self, self.session)
+        self.upstream = UpstreamPool(self.config.connect_timeout_s, self.config.read_timeout_s)
+        self.proxy = Proxy(self, self.session, self.upstream)
         self.monitor = HealthMonitor(self.pool, self.session, self.config.health_interval_s,
                                      self.config.health_timeout_s)
         await self.monitor.check_all()  # know who is up before the first request
@@ -86,6 +90,8 @@ class RouterState:
             await self.discovery.stop()
         if self.monitor is not None:
             await self.monitor.stop()
+        if self.upstream is not None:
+            self.upstream.close()
         if self.session is not None:
             await self.session.close()
 
@@ -307,6 +313,11 @@ async def serve(config: RouterConfig, ready: asyncio.Event | None = None) -> Non
             pass
     log.info("router listening on http://%s:%d (policy %s, %d workers)", config.host, config.port,
              config.policy, len(state.pool))
+    # Everything allocated so far lives for the whole run: keep it out of the collector's scans, and
+    # collect the young generation less often. Full collections are what shows up in p99 latency.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
     if ready is not None:
         ready.set()
     await stop.wait()

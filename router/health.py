@@ -27,10 +27,12 @@ class CircuitBreaker:
 
     A failure while half-open reopens with a doubled cooldown (capped), so a flapping worker is
     probed less and less often. A hard failure (connection refused) opens at once.
+    Separately, a failed active health poll marks the worker down until a poll succeeds: /health
+    saying 503 (loading, draining) is an explicit "send nothing", not something to probe with traffic.
     """
 
     __slots__ = ("failure_threshold", "base_cooldown_s", "max_cooldown_s", "_failures", "_open_until",
-                 "_cooldown_s", "_opened")
+                 "_cooldown_s", "_opened", "_down")
 
     def __init__(self, failure_threshold: int = 3, base_cooldown_s: float = 2.0,
                  max_cooldown_s: float = 30.0) -> None:
@@ -43,15 +45,27 @@ class CircuitBreaker:
         self._open_until = 0.0
         self._cooldown_s = base_cooldown_s
         self._opened = False
+        self._down = False
 
     def state(self, now: float) -> str:
+        if self._down:
+            return "down"
         if not self._opened:
             return CLOSED
         return OPEN if now < self._open_until else HALF_OPEN
 
     def allows(self, now: float) -> bool:
         """May requests be routed to this worker now? (Half-open lets traffic probe it.)"""
-        return not self._opened or now >= self._open_until
+        return not self._down and (not self._opened or now >= self._open_until)
+
+    def record_poll(self, ok: bool, now: float, hard: bool = False) -> None:
+        """Result of an active health poll: a failure marks the worker down until a poll succeeds."""
+        if ok:
+            self._down = False
+            self.record_success()
+        else:
+            self._down = True
+            self.record_failure(now, hard=hard)
 
     def record_success(self) -> None:
         self._failures = 0
@@ -97,9 +111,21 @@ class HealthMonitor:
                 pass
 
     async def _run(self) -> None:
+        # Polls are spread over the interval rather than fired together, so the router never spends a
+        # burst of CPU on them at once (a burst shows up directly in the p99 latency of client requests).
         while True:
-            await self.check_all()
-            await asyncio.sleep(self.interval_s)
+            workers = list(self.pool)
+            if not workers:
+                await asyncio.sleep(self.interval_s)
+                continue
+            gap = self.interval_s / len(workers)
+            for worker in workers:
+                if not worker.removed:
+                    try:
+                        await self.check(worker)
+                    except Exception:  # noqa: BLE001 - a poll must never kill the monitor
+                        log.exception("health poll of %s failed unexpectedly", worker.worker_id)
+                await asyncio.sleep(gap)
 
     async def check_all(self) -> None:
         workers = list(self.pool)
@@ -119,13 +145,15 @@ class HealthMonitor:
                 await resp.read()
                 healthy = resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            refused = isinstance(exc, aiohttp.ClientConnectorError)
-            worker.breaker.record_failure(now, hard=refused)
+            if isinstance(exc, aiohttp.ClientConnectorError):  # nothing listens: down
+                worker.breaker.record_poll(False, now, hard=True)
+            else:  # slow or cut: a busy worker may answer late, so count it toward the breaker only
+                worker.breaker.record_failure(now)
             return False
         if not healthy:  # 503: loading or draining. Not routable until it says ready.
-            worker.breaker.record_failure(now, hard=True)
+            worker.breaker.record_poll(False, now, hard=True)
             return False
-        worker.breaker.record_success()
+        worker.breaker.record_poll(True, now)
         try:
             async with self.session.get(worker.url + "/load", timeout=timeout) as resp:
                 if resp.status == 200:

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from router.policies import Decision, NoWorkerAvailable, RouteRequest
 from router.request_parsing import dumps, error_body
+from router.upstream import UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamResponse
 
 if TYPE_CHECKING:  # pragma: no cover
     from router.app import RouterState
@@ -25,8 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("radixfleet.router.proxy")
 
-# Sent to workers: the body is passed through untouched, so ask for it uncompressed.
-_UPSTREAM_HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
 _PASSTHROUGH_REQUEST_HEADERS = ("X-Request-ID", "traceparent")
 WORKER_HEADER = "X-Radixfleet-Worker"
 
@@ -53,24 +52,24 @@ def _sse_error_event(message: str) -> bytes:
 
 
 class Proxy:
-    def __init__(self, state: "RouterState", session: aiohttp.ClientSession) -> None:
+    def __init__(self, state: "RouterState", session: aiohttp.ClientSession, upstream: UpstreamPool) -> None:
         self.state = state
-        self.session = session
+        self.session = session  # for the rare GETs (/v1/models)
+        self.upstream = upstream  # the hot path
         cfg = state.config
         self.timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s,
                                              sock_connect=cfg.connect_timeout_s,
                                              sock_read=cfg.read_timeout_s)
 
-    def _upstream_headers(self, request: web.Request) -> dict[str, str]:
-        headers = _UPSTREAM_HEADERS
-        extra = None
+    @staticmethod
+    def _upstream_headers(request: web.Request) -> str:
+        """Request headers worth passing on (tracing ids), as raw header lines."""
+        lines = ""
         for name in _PASSTHROUGH_REQUEST_HEADERS:
             value = request.headers.get(name)
-            if value is not None:
-                if extra is None:
-                    extra = dict(headers)
-                extra[name] = value
-        return extra or headers
+            if value is not None and "\r" not in value and "\n" not in value:
+                lines += f"{name}: {value}\r\n"
+        return lines
 
     async def forward(self, request: web.Request, path: str, raw: bytes, route: RouteRequest,
                       stream: bool, endpoint: str) -> web.StreamResponse:
@@ -129,28 +128,27 @@ class Proxy:
             worker.tree.insert(route.hashes)
 
     async def _attempt(self, request: web.Request, worker: "WorkerState", path: str, raw: bytes,
-                       headers: dict, stream: bool, uncached: int) -> web.StreamResponse:
+                       headers: str, stream: bool, uncached: int) -> web.StreamResponse:
         try:
-            upstream = await self.session.post(worker.url + path, data=raw, headers=headers,
-                                               timeout=self.timeout)
-        except aiohttp.ClientConnectorError as exc:
-            raise _AttemptFailed(f"cannot connect: {exc.os_error.__class__.__name__}", hard=True) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise _AttemptFailed(f"{exc.__class__.__name__}") from None
+            upstream = await self.upstream.post(worker.url, path, raw, headers)
+        except UpstreamConnectError as exc:
+            raise _AttemptFailed(str(exc), hard=True) from None
+        except UpstreamError as exc:
+            raise _AttemptFailed(str(exc)) from None
         try:
             status = upstream.status
-            content_type = upstream.headers.get("Content-Type", "application/json")
+            content_type = upstream.headers.get("content-type", "application/json")
             if status >= 500:
                 try:
                     body = await upstream.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                except UpstreamError:
                     body = error_body(f"worker answered {status}", "server_error")
                 raise _AttemptFailed(f"status {status}", response=(status, body, content_type.split(";")[0]))
             if not stream or status != 200:
                 try:
                     body = await upstream.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    raise _AttemptFailed(f"{exc.__class__.__name__} while reading the answer") from None
+                except UpstreamError as exc:
+                    raise _AttemptFailed(f"{exc} while reading the answer") from None
                 worker.on_first_byte(uncached)
                 worker.breaker.record_success()
                 self.state.metrics.responses[f"{status // 100}xx"] += 1
@@ -160,17 +158,16 @@ class Proxy:
                 return response
             return await self._pipe_stream(request, worker, upstream, content_type, uncached)
         finally:
-            upstream.release()
+            if not upstream.done:
+                upstream.close()
 
-    async def _pipe_stream(self, request: web.Request, worker: "WorkerState",
-                           upstream: aiohttp.ClientResponse, content_type: str,
-                           uncached: int) -> web.StreamResponse:
-        content = upstream.content
+    async def _pipe_stream(self, request: web.Request, worker: "WorkerState", upstream: UpstreamResponse,
+                           content_type: str, uncached: int) -> web.StreamResponse:
         # Hold the client response until the worker's first chunk: until then a failure can still be retried.
         try:
-            first = await content.readany()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise _AttemptFailed(f"{exc.__class__.__name__} before the first chunk") from None
+            first = await upstream.read_chunk()
+        except UpstreamError as exc:
+            raise _AttemptFailed(f"{exc} before the first chunk") from None
         if not first:
             raise _AttemptFailed("stream ended before its first chunk")
         worker.on_first_byte(uncached)
@@ -189,12 +186,12 @@ class Proxy:
             return response
         while True:
             try:
-                chunk = await content.readany()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                chunk = await upstream.read_chunk()
+            except UpstreamError as exc:
                 # The worker failed mid-stream: the client already has bytes, so end with a clean error event.
                 self.state.metrics.errors["mid_stream"] += 1
                 worker.breaker.record_failure(time.monotonic())
-                log.warning("worker %s failed mid-stream: %s", worker.worker_id, exc.__class__.__name__)
+                log.warning("worker %s failed mid-stream: %s", worker.worker_id, exc)
                 chunk = (_sse_error_event("the worker serving this stream failed; retry the request")
                          + b"data: [DONE]\n\n")
                 try:
