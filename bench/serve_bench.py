@@ -147,29 +147,27 @@ async def run_http(url: str, model: str | None, items: list[WorkItem], request_r
         return results, time.perf_counter() - start
 
 
-WARMUP_REQUESTS = 64
-
-
-def warmup_items(items: list[WorkItem]) -> list[WorkItem]:
+def warmup_items(items: list[WorkItem], count: int) -> list[WorkItem]:
     """The workload's first requests, prompts reversed (so they leave no cached prefix for the timed run).
 
     Both paths run them before timing, so neither pays one-off costs inside its figure: Triton compiles a
     kernel variant the first time a shape class shows up (batch sizes, context lengths, chunk layouts), and
-    on a cold cache that took seconds out of the first timed run on an H200. Full output lengths, so decode
-    reaches the context lengths of the timed run.
+    on a cold cache that took seconds out of the first timed run on an H200, and a warm-up of 64 requests
+    still left ~1.8 s of it inside the timed run (batch sizes it never reached). Hence the default: the
+    whole workload once, at full size, untimed.
     """
-    return [WorkItem(item.prompt_token_ids[::-1], item.output_len) for item in items[:WARMUP_REQUESTS]]
+    return [WorkItem(item.prompt_token_ids[::-1], item.output_len) for item in items[:count]]
 
 
 async def _warm_up(url: str, model: str | None, items: list[WorkItem]) -> None:
     import aiohttp
 
-    async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(_one_request(session, url, model, item) for item in warmup_items(items)))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(_one_request(session, url, model, item) for item in items))
 
 
 # ---------------------------------------------------------------------- offline engine
-def run_offline(config, items: list[WorkItem]) -> dict:
+def run_offline(config, items: list[WorkItem], warmup: list[WorkItem]) -> dict:
     """The same workload through LLMEngine in this process, all requests queued at once.
 
     Returns output tokens, seconds from the first add_request to the last token, and the number of
@@ -181,7 +179,7 @@ def run_offline(config, items: list[WorkItem]) -> dict:
 
     engine = LLMEngine(config)
     try:
-        for i, item in enumerate(warmup_items(items)):
+        for i, item in enumerate(warmup):
             warm = SamplingParams(max_tokens=item.output_len, temperature=0, ignore_eos=True)
             engine.add_request(EngineRequest(f"warmup-{i}", item.prompt_token_ids, warm))
         while engine.has_unfinished():
@@ -326,6 +324,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     workload.add_argument("--request-rate", type=float, default=float("inf"),
                           help="Poisson arrival rate in requests/s (inf: all at once)")
     workload.add_argument("--concurrency", type=int, default=None, help="keep this many requests in flight instead")
+    workload.add_argument("--warmup-requests", type=int, default=None,
+                          help="untimed requests of the workload's shapes sent first (default: all of them)")
     workload.add_argument("--workload-seed", type=int, default=0, help="seed of the random prompts and arrivals")
     output = parser.add_argument_group("output")
     output.add_argument("--compare-offline", action="store_true",
@@ -357,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     config = engine_config_from_args(args)
     items = make_workload(args)
+    warmup = warmup_items(items, len(items) if args.warmup_requests is None else args.warmup_requests)
     setup = {
         "target": args.url or f"worker started here (model {config.model}, device {config.device}, "
                               f"executor {config.executor})",
@@ -367,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
                     f", output {args.output_len}{'-' + str(args.output_len_max) if args.output_len_max else ''} tokens, "
                     "ignore_eos, greedy",
         "arrivals": f"concurrency {args.concurrency}" if args.concurrency else f"Poisson, rate {args.request_rate} req/s",
-        "warm-up": f"{min(WARMUP_REQUESTS, len(items))} requests of the same shape through each path before timing",
+        "warm-up": f"{len(warmup)} requests of the same shapes through each path before timing",
         "engine": ("as configured on the target; offline run: " if args.url else "") + f"page {config.page_size}, max batched tokens {config.max_num_batched_tokens}, "
                   f"max running {config.max_running_requests}, policy {config.policy}, "
                   f"prefix cache {'on' if config.enable_prefix_cache else 'off'}",
@@ -375,7 +376,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"radixfleet bench serve: {setup['workload']}", file=sys.stderr)
 
     def run_against(url: str):
-        asyncio.run(_warm_up(url, args.served_model, items))
+        if warmup:
+            print(f"warm-up: {len(warmup)} requests (untimed)", file=sys.stderr)
+            asyncio.run(_warm_up(url, args.served_model, warmup))
         return asyncio.run(run_http(url, args.served_model, items, args.request_rate, args.concurrency,
                                     args.workload_seed))
 
@@ -395,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
     offline = None
     if args.compare_offline:
         print("running the same workload through the offline engine ...", file=sys.stderr)
-        offline = run_offline(config, items)
+        offline = run_offline(config, items, warmup)
         offline["http_over_offline"] = summary["output_throughput"] / offline["output_throughput"]
 
     print(format_report(setup, summary, offline))
