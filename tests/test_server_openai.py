@@ -118,6 +118,17 @@ def test_batch_of_prompts(client):
 
 
 # ---------------------------------------------------------------------- sampling controls
+def test_echo_and_every_sampling_extension_are_accepted(client):
+    response = client.completions.create(
+        model=MODEL, prompt="Echo me", max_tokens=3, echo=True, top_p=0.9, presence_penalty=0.5,
+        frequency_penalty=0.5, seed=3,
+        extra_body={"ignore_eos": True, "top_k": 5, "min_p": 0.05, "min_tokens": 2, "repetition_penalty": 1.1,
+                    "priority": 1, "stop_token_ids": [0], "skip_special_tokens": False},
+    )
+    assert response.choices[0].text.startswith("Echo me")
+    assert response.usage.completion_tokens == 3
+
+
 def test_stop_string_ends_the_choice(client):
     kwargs = dict(model=MODEL, prompt="The river runs", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
     text = client.completions.create(**kwargs).choices[0].text

@@ -7,11 +7,10 @@ import time
 from aiohttp import web
 
 from worker.server.context import CTX_KEY, ServerContext, new_response_id, read_json, usage
-from worker.server.errors import ApiError
 from worker.server.generation import ChoiceUpdate, Generation
 from worker.server.logprobs import chat_logprobs
 from worker.server.protocol import ChatRequest, parse_chat_request
-from worker.server.streaming import ClientGone, SSEWriter, json_response
+from worker.server.streaming import ClientGone, SSEWriter, end_with_error, json_response
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -96,9 +95,10 @@ async def _stream(request: web.Request, ctx: ServerContext, chat: ChatRequest, g
         try:
             async for updates in generation.updates():
                 await writer.send(chunks(updates))
-        except ApiError as error:  # the engine died mid-stream: tell the client, then end the stream
-            await writer.send([error.body()])
-            await writer.send_done()
+        except ClientGone:
+            raise
+        except Exception as error:  # noqa: BLE001 - the engine died mid-stream (ApiError), or a bug
+            await end_with_error(writer, error)
             return writer.response
         if chat.include_usage or chat.continuous_usage:
             await writer.send([{**header, "choices": [], "usage": usage(

@@ -12,11 +12,10 @@ import time
 from aiohttp import web
 
 from worker.server.context import CTX_KEY, ServerContext, new_response_id, read_json, usage
-from worker.server.errors import ApiError
 from worker.server.generation import ChoiceUpdate, Generation, merge_generations
 from worker.server.logprobs import CompletionLogprobs
 from worker.server.protocol import CompletionRequest, parse_completion_request
-from worker.server.streaming import ClientGone, SSEWriter, json_response
+from worker.server.streaming import ClientGone, SSEWriter, end_with_error, json_response
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -131,9 +130,10 @@ async def _stream(request: web.Request, ctx: ServerContext, completion: Completi
         try:
             async for updates in merge_generations(generations):
                 await writer.send(chunks(updates))
-        except ApiError as error:  # the engine died mid-stream: tell the client, then end the stream
-            await writer.send([error.body()])
-            await writer.send_done()
+        except ClientGone:
+            raise
+        except Exception as error:  # noqa: BLE001 - the engine died mid-stream (ApiError), or a bug
+            await end_with_error(writer, error)
             return writer.response
         if completion.include_usage or completion.continuous_usage:
             await writer.send([{**header, "choices": [], "usage": usage(*_totals(generations))}])

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
+
+from worker.server.errors import ApiError, internal_error
+
+log = logging.getLogger("radixfleet.worker")
 
 try:  # orjson is several times faster on the hot path (one chunk per token per stream); json is the fallback
     import orjson
@@ -64,3 +70,20 @@ class SSEWriter:
             await self._response.write(data)
         except (ConnectionError, RuntimeError) as error:
             raise ClientGone() from error
+
+
+async def end_with_error(writer: "SSEWriter", error: Exception) -> None:
+    """A stream that already started cannot change its HTTP status: send the error as an event, then end.
+
+    `error` is an ApiError (the engine died, say) or an unexpected exception (a bug: logged, reported as 500).
+    """
+    if isinstance(error, ApiError):
+        payload = error.body()
+    else:
+        log.error("error while streaming a response", exc_info=error)
+        payload = internal_error(f"Internal error: {type(error).__name__}: {error}").body()
+    try:
+        await writer.send([payload])
+        await writer.send_done()
+    except ClientGone:
+        pass
