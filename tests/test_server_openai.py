@@ -141,6 +141,16 @@ def test_stop_string_ends_the_choice(client):
     assert streamed[-1].choices[0].finish_reason == "stop"
 
 
+def test_stop_string_per_choice_frees_kv(worker, client):
+    # Without the per-choice abort the engine would go on to 4000 tokens (a minute on CPU) after the answer.
+    kwargs = dict(model=MODEL, prompt="The mill turns", max_tokens=4000, temperature=0, extra_body={"ignore_eos": True})
+    text = client.completions.create(**{**kwargs, "max_tokens": 16}).choices[0].text
+    stop = text[6:9]
+    response = client.completions.create(stop=[stop], n=2, **kwargs)  # greedy: both choices stop early
+    assert [(c.finish_reason, c.text) for c in response.choices] == [("stop", text[: text.index(stop)])] * 2
+    assert wait_until_idle(worker, timeout_s=30)["kv_tokens_used"] == 0
+
+
 def test_seed_reproducibility(client):
     def sample(seed):
         return client.completions.create(model=MODEL, prompt="A story:", max_tokens=12, temperature=1.0, seed=seed,
