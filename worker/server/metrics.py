@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from worker.engine.protocol import EngineStats
@@ -68,6 +68,8 @@ class WorkerMetrics:
         self.stats: EngineStats | None = None
         self.registry = CollectorRegistry()
         self.registry.register(_EngineStatsCollector(self))
+        ProcessCollector(registry=self.registry)  # the frontend's CPU, memory and open files
+        PlatformCollector(registry=self.registry)
         labels = {"labelnames": ["model_name"], "registry": self.registry}
         self._ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to the first token.",
                                buckets=_TTFT_BUCKETS, **labels)
