@@ -185,6 +185,8 @@ def test_completion_logprobs(client):
 def test_usage_counts_are_exact(worker, client):
     messages = chat("How many tokens is this?")
     counted = post(worker.url + "/tokenize", {"model": MODEL, "messages": messages})[1]["count"]
+    with_kwargs = post(worker.url + "/tokenize", {"messages": messages, "chat_template_kwargs": {"unused_flag": True}})
+    assert with_kwargs == (200, with_kwargs[1]) and with_kwargs[1]["count"] == counted
     response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3,
                                               extra_body={"ignore_eos": True})
     assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (counted, 3)

@@ -97,6 +97,12 @@ def test_messages_are_checked_and_text_parts_flattened():
     rejects(parse_chat_request, {"messages": [{"role": "user", "content": image}]}, "messages[0].content[0]")
 
 
+def test_chat_template_kwargs():
+    assert parse_chat_request({**CHAT, "chat_template_kwargs": {"enable_thinking": False}}).chat_template_kwargs == {
+        "enable_thinking": False}
+    rejects(parse_chat_request, {**CHAT, "chat_template_kwargs": "x"}, "chat_template_kwargs")
+
+
 def test_unknown_fields_rejected_but_harmless_openai_fields_accepted():
     rejects(parse_chat_request, {**CHAT, "max_token": 5}, "max_token")
     parse_chat_request({**CHAT, "user": "u1", "metadata": {"a": "b"}, "store": False, "parallel_tool_calls": True})

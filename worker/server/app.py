@@ -102,7 +102,7 @@ async def tokenize(request: web.Request) -> web.Response:
     body = parse_tokenize_request(await read_json(request))
     ctx.check_model(body.model)
     if body.messages is not None:
-        text = ctx.render_chat(body.messages, body.tools, body.add_generation_prompt)
+        text = ctx.render_chat(body.messages, body.tools, body.add_generation_prompt, body.chat_template_kwargs)
     else:
         text = body.prompt
     tokens = ctx.encode(text, add_special_tokens=body.add_special_tokens)

@@ -85,10 +85,12 @@ class ServerContext:
     def new_generation(self, prompt_token_ids: list[int], params: SamplingParams, index_offset: int = 0) -> Generation:
         return Generation(self.client, self.tokenizer, prompt_token_ids, params, self.metrics, index_offset)
 
-    def render_chat(self, messages: list[dict], tools: list | None, add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], tools: list | None, add_generation_prompt: bool = True,
+                    template_kwargs: dict | None = None) -> str:
         """Apply the model's chat template; a template error is the client's (400 on `messages`)."""
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tools=tools, **(template_kwargs or {}))
         except Exception as error:  # ChatTemplateError, or jinja errors raised by the template itself
             raise bad_request("messages", f"The chat template could not render these messages: {error}") from None
 

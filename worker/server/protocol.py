@@ -61,6 +61,7 @@ CHAT_FIELDS = _COMMON_FIELDS | {
     "tools",
     "response_format",
     "add_generation_prompt",
+    "chat_template_kwargs",
 }
 SEED_RANGE = (-(2**63), 2**63 - 1)
 MAX_PROMPTS_PER_REQUEST = 256  # prompts in one /v1/completions batch
@@ -90,6 +91,7 @@ class ChatRequest:
     tools: list[dict] | None = None
     add_generation_prompt: bool = True
     continuous_usage: bool = False  # usage (so far) in every streamed chunk
+    chat_template_kwargs: dict | None = None  # extra template variables, e.g. {"enable_thinking": false}
 
 
 @dataclass
@@ -100,6 +102,7 @@ class TokenizeRequest:
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     tools: list[dict] | None = None
+    chat_template_kwargs: dict | None = None
 
 
 @dataclass
@@ -282,8 +285,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
     max_tokens = _positive_int_or_none(body, max_name)
     params = _sampling_params(body, max_tokens, max_name, (top_logprobs or 0) if logprobs else None, "top_logprobs")
     add_generation_prompt = _get(body, "add_generation_prompt", bool, True, "a boolean")
+    template_kwargs = _get(body, "chat_template_kwargs", dict, None, "an object")
     return ChatRequest(model, messages, params, stream, include_usage, logprobs, top_logprobs or 0, tools,
-                       add_generation_prompt, continuous_usage)
+                       add_generation_prompt, continuous_usage, template_kwargs)
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -327,7 +331,8 @@ def _flatten_parts(parts: list, where: str) -> str:
 # ---------------------------------------------------------------------- /tokenize, /detokenize
 def parse_tokenize_request(body: Any) -> TokenizeRequest:
     body = expect_object(body)
-    _reject_unknown(body, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "tools"})
+    _reject_unknown(body, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "tools",
+                           "chat_template_kwargs"})
     model = _get_model(body)
     prompt = _get(body, "prompt", str, None, "a string")
     messages = parse_messages(body["messages"]) if body.get("messages") is not None else None
@@ -340,6 +345,7 @@ def parse_tokenize_request(body: Any) -> TokenizeRequest:
         add_special_tokens=_get(body, "add_special_tokens", bool, messages is None, "a boolean"),
         add_generation_prompt=_get(body, "add_generation_prompt", bool, True, "a boolean"),
         tools=_get(body, "tools", list, None, "an array"),
+        chat_template_kwargs=_get(body, "chat_template_kwargs", dict, None, "an object"),
     )
 
 
