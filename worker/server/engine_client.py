@@ -223,13 +223,16 @@ class EngineClient:
     # ------------------------------------------------------------------ IPC: in
     def _read_outputs(self, conn) -> None:
         """Reader thread: blocking receives, handed to the event loop one message at a time."""
-        while True:
-            try:
-                message = pickle.loads(conn.recv_bytes())
-            except (EOFError, OSError):
-                self._loop.call_soon_threadsafe(self._on_engine_dead, "the engine process exited")
-                return
-            self._loop.call_soon_threadsafe(self._dispatch, message)
+        try:
+            while True:
+                try:
+                    message = pickle.loads(conn.recv_bytes())
+                except (EOFError, OSError):
+                    self._loop.call_soon_threadsafe(self._on_engine_dead, "the engine process exited")
+                    return
+                self._loop.call_soon_threadsafe(self._dispatch, message)
+        except RuntimeError:  # the event loop closed first (the frontend is exiting): nobody left to tell
+            return
 
     def _dispatch(self, message: tuple) -> None:
         kind = message[0]
