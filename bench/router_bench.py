@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 targets.append(("sglang-router cache_aware",
                                 [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls,
-                                 "--policy", "cache_aware", "--log-level", "warn", "--host", "127.0.0.1"]))
+                                 "--policy", "cache_aware", "--log-level", "warn", "--host", "127.0.0.1",
+                                 "--prometheus-port", str(free_port())]))
         for name, argv_base in targets:
             port = free_port()
             proc = spawn(argv_base + ["--port", str(port)], router_cpus, logs / f"{name.replace(' ', '_')}.log")
