@@ -9,9 +9,9 @@ per-prefix LRU times and lock counts. The model predicts exactly which pages eac
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from worker.cache.page_pool import PagePool
 from worker.cache.radix_cache import RadixCache
@@ -367,15 +367,30 @@ def test_check_invariants_catches_a_leaked_and_a_doubly_owned_page():
 
 # ---------------------------------------------------------------------------------------------- property-based
 
-# Prompts are a prefix of one of a few base sequences plus a random tail over a tiny alphabet, so requests
-# share prefixes often and diverge in the middle of pages and nodes.
-BASES = [[(7 * b + 3 * i + i // 5) % 4 for i in range(40)] for b in range(3)]
-prompts = st.builds(
-    lambda base, cut, tail: BASES[base][:cut] + tail,
-    st.integers(0, len(BASES) - 1),
-    st.integers(0, 40),
-    st.lists(st.integers(0, 1), max_size=6),
-).filter(bool)
+# Prompts are built from page-sized blocks so that requests share prefixes often and diverge at page
+# boundaries (splitting nodes) as well as inside a page (blocks 0 and 1 differ only in their last token):
+# a prefix of one of two base block sequences, a few random blocks, then an unaligned tail.
+BASE_BLOCKS = [[0, 2, 1, 3, 0, 2], [2, 2, 0, 1, 3, 1]]
+prompt_specs = st.tuples(
+    st.integers(0, len(BASE_BLOCKS) - 1),  # base
+    st.integers(0, len(BASE_BLOCKS[0])),  # how many base blocks
+    st.lists(st.integers(0, 3), max_size=2),  # extra blocks
+    st.lists(st.integers(0, 1), max_size=3),  # unaligned tail (cut below a page)
+)
+
+
+def block_tokens(block: int, page_size: int) -> list[int]:
+    """One page of tokens; blocks 2k and 2k+1 share all but their last token."""
+    if page_size == 1:
+        return [block]
+    return [block // 2] * (page_size - 1) + [block % 2]
+
+
+def prompt_tokens(spec, page_size: int) -> list[int]:
+    base, cut, extra, tail = spec
+    tokens = [t for block in BASE_BLOCKS[base][:cut] + extra for t in block_tokens(block, page_size)]
+    tokens += tail[: page_size - 1]
+    return tokens or [0]
 
 
 class Request:
@@ -497,7 +512,7 @@ def cached_prefixes(cache: RadixCache) -> dict[tuple[int, ...], int]:
 class RadixCacheMachine(RuleBasedStateMachine):
     """Drives a RadixCache as a scheduler would, against NaiveCache."""
 
-    @initialize(page_size=st.sampled_from([1, 2, 4]), num_pages=st.integers(3, 24))
+    @initialize(page_size=st.sampled_from([1, 2, 4]), num_pages=st.integers(6, 48))
     def setup(self, page_size, num_pages):
         self.cache = RadixCache(PagePool(num_pages, page_size))
         self.model = NaiveCache(num_pages, page_size)
@@ -522,6 +537,8 @@ class RadixCacheMachine(RuleBasedStateMachine):
         assert set(pages) <= self.model.free, "alloc handed out a page the model does not consider free"
         assert (self.pool_free() | set(pages)) - free_before == evicted, "alloc evicted the wrong pages"
         self.model.free -= set(pages)
+        if evicted:
+            event("alloc evicted cached pages")
         return pages
 
     def commit_prefix(self, req: Request, num_pages: int) -> None:
@@ -535,6 +552,8 @@ class RadixCacheMachine(RuleBasedStateMachine):
         assert result.pages == expected_pages and result.num_tokens == len(tokens)
         assert self.pool_free() - free_before == set(duplicates), "insert freed the wrong duplicate pages"
         req.page_table[:num_pages] = result.pages
+        if duplicates:
+            event("insert freed duplicate pages")
         self.cache.lock(result.node)
         self.cache.unlock(req.node)
         req.node = result.node
@@ -549,13 +568,17 @@ class RadixCacheMachine(RuleBasedStateMachine):
         self.cache.unlock(req.node)
         self.requests.remove(req)
 
-    # -- rules
+    # -- what a scheduler does with one request
 
-    @rule(tokens=prompts)
-    def start_request(self, tokens):
+    def start(self, spec) -> bool:
+        """Admit a request: match, lock, allocate private pages for the rest. False: refused, KV is short."""
         ps = self.cache.page_size
+        tokens = prompt_tokens(spec, ps)
+        nodes_before = self.cache.num_nodes
         m = self.cache.match_prefix(tokens)
         expected = self.model.match(tokens)
+        if self.cache.num_nodes > nodes_before:
+            event("match split a node")
         assert m.pages == expected and m.num_tokens == len(expected) * ps
         self.cache.lock(m.node)
         need = -(-len(tokens) // ps) - len(m.pages)
@@ -563,47 +586,78 @@ class RadixCacheMachine(RuleBasedStateMachine):
         self.requests.append(req)  # its lock counts while we allocate (the matched pages must survive)
         private = self.alloc_checked(need)
         if private is None:
+            event("request refused: no KV even after eviction")
             self.cache.unlock(m.node)
             self.requests.remove(req)
-            return
+            return False
         req.page_table += private
+        return True
 
-    @precondition(lambda self: self.requests)
-    @rule(index=st.integers(0, 50), pages_forward=st.integers(1, 4))
-    def prefill_progress(self, index, pages_forward):
-        req = self.pick(index)
+    def prefill_progress(self, req: Request, pages_forward: int) -> None:
+        """Chunked prefill computed a few more pages: cache them and move the lock down."""
         aligned = len(req.tokens) // self.cache.page_size
         target = min(aligned, req.cached_pages + pages_forward)
         if target > req.cached_pages:
             self.commit_prefix(req, target)
 
-    @precondition(lambda self: self.requests)
-    @rule(index=st.integers(0, 50), new_tokens=st.lists(st.integers(0, 3), min_size=1, max_size=5))
-    def decode(self, index, new_tokens):
-        req = self.pick(index)
+    def decode(self, req: Request, new_tokens: list[int]) -> None:
+        """Sampled tokens: allocate pages as the sequence crosses page boundaries; preempt when out of KV."""
         ps = self.cache.page_size
         need = -(-(len(req.tokens) + len(new_tokens)) // ps) - len(req.page_table)
         pages = self.alloc_checked(need)
-        if pages is None:  # out of KV: preempt (by recompute) = abort here
+        if pages is None:  # out of KV: preempt (by recompute), which for the cache is an abort
+            event("decode out of KV")
             self.release(req, req.private_pages)
             return
         req.tokens += new_tokens
         req.page_table += pages
 
-    @precondition(lambda self: self.requests)
-    @rule(index=st.integers(0, 50))
-    def finish(self, index):
-        req = self.pick(index)
+    def finish(self, req: Request) -> None:
+        """Cache every whole page, free the unaligned tail, unlock."""
         aligned = len(req.tokens) // self.cache.page_size
         if aligned > req.cached_pages:
             self.commit_prefix(req, aligned)
-        self.release(req, req.page_table[aligned:])  # the unaligned tail is never cached
+        self.release(req, req.page_table[aligned:])
 
-    @precondition(lambda self: self.requests)
-    @rule(index=st.integers(0, 50))
-    def abort(self, index):
-        req = self.pick(index)
+    def abort(self, req: Request) -> None:
+        """Drop the request without caching anything more."""
         self.release(req, req.private_pages)
+
+    # -- rules (few, always enabled and taking arguments, so hypothesis spreads its steps evenly)
+
+    @rule(specs=st.lists(prompt_specs, min_size=1, max_size=3))
+    def start_requests(self, specs):
+        for spec in specs:
+            if not self.start(spec) and self.requests:
+                # A full server admits nothing until a running request ends: finish the oldest one, so
+                # runs keep turning requests over instead of piling up refusals.
+                self.finish(self.requests[0])
+
+    @rule(
+        actions=st.lists(
+            st.tuples(
+                st.integers(0, 50),
+                st.sampled_from(["progress", "progress", "decode", "decode", "finish", "finish", "abort"]),
+                st.integers(1, 4),
+                st.lists(st.integers(0, 3), min_size=1, max_size=5),
+            ),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    def advance_requests(self, actions):
+        for index, action, pages_forward, new_tokens in actions:
+            if not self.requests:
+                return
+            req = self.pick(index)
+            if action == "progress":
+                self.prefill_progress(req, pages_forward)
+            elif action == "decode":
+                self.decode(req, new_tokens)
+            elif action == "finish":
+                self.finish(req)
+            else:
+                self.abort(req)
 
     @rule(num_pages=st.integers(0, 8))
     def evict(self, num_pages):
@@ -611,40 +665,43 @@ class RadixCacheMachine(RuleBasedStateMachine):
         expected = self.model.evict(num_pages, self.requests)
         freed = self.cache.evict(num_pages)
         assert freed == len(expected) <= num_pages
+        if freed:
+            event("evict freed pages")
         assert self.pool_free() - free_before == expected, "evict freed other pages than LRU order says"
 
-    @rule(n=st.integers(1, 10))
-    def hold_pages(self, n):
-        pages = self.alloc_checked(n)
-        if pages is not None:
-            self.held.append(pages)
+    @rule(hold=st.booleans(), n=st.integers(1, 6))
+    def memory_pressure(self, hold, n):
+        """Pages taken outside any request (another consumer of KV), or given back."""
+        if hold:
+            pages = self.alloc_checked(n)
+            if pages is not None:
+                self.held.append(pages)
+        elif self.held:
+            pages = self.held.pop(0)
+            self.cache.pool.free(pages)
+            self.model.free.update(pages)
+            if pages:
+                with pytest.raises(AssertionError, match="double free"):
+                    self.cache.pool.free(pages[:1])
 
-    @precondition(lambda self: self.held)
-    @rule()
-    def release_held(self):
-        pages = self.held.pop(0)
-        self.cache.pool.free(pages)
-        self.model.free.update(pages)
-
-    @rule(tokens=prompts, record=st.booleans())
-    def query(self, tokens, record):
+    @rule(spec=prompt_specs, record=st.booleans())
+    def query(self, spec, record):
+        tokens = prompt_tokens(spec, self.cache.page_size)
+        nodes_before = self.cache.num_nodes
         m = self.cache.match_prefix(tokens, record=record)
         assert m.pages == self.model.match(tokens, record=record)
+        if self.cache.num_nodes > nodes_before:
+            event("match split a node")
         assert (self.cache.hit_tokens, self.cache.query_tokens) == (self.model.hit_tokens, self.model.query_tokens)
 
-    @rule()
-    def reset(self):
+    @rule(dice=st.integers(0, 3))
+    def reset(self, dice):
+        if dice:  # a flush wipes what the other rules built up: keep it rare
+            return
         free_before = self.pool_free()
         expected = self.model.reset(self.requests)
         self.cache.reset()
         assert self.pool_free() - free_before == expected
-
-    @rule()
-    def double_free_is_refused(self):
-        free = self.cache.pool.free_pages()
-        if free:
-            with pytest.raises(AssertionError):
-                self.cache.pool.free(free[:1])
 
     # -- after every step
 
@@ -665,7 +722,7 @@ class RadixCacheMachine(RuleBasedStateMachine):
 
 
 RadixCacheMachine.TestCase.settings = settings(
-    max_examples=150,
+    max_examples=200,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
