@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from worker.server.launcher import WorkerProcess
+from worker.server.launcher import WorkerProcess, WorkerStartError
 
 MODEL = "demo"
 ARGS = ["--model", MODEL, "--device", "cpu", "--kv-cache-tokens", "4096", "--no-progress"]
@@ -119,6 +119,13 @@ def test_sigterm_stops_listening_aborts_in_flight_and_exits_cleanly(worker):
         sock.listen()
     wait_for(lambda: not _alive(engine_pid), "the engine process to exit", 30)
     assert "stopped" in worker.log_text()
+
+
+def test_a_model_that_cannot_load_is_a_clear_error_and_exit_code():
+    with pytest.raises(WorkerStartError) as caught:
+        WorkerProcess(["--model", "/no/such/checkpoint", "--device", "cpu"], start_timeout_s=120).start()
+    assert "failed to start" in str(caught.value) and "/no/such/checkpoint" in str(caught.value)
+    assert "exited with code 1" in str(caught.value)
 
 
 def _alive(pid: int) -> bool:

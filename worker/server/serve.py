@@ -66,7 +66,10 @@ async def serve(options: ServeOptions) -> int:
     try:
         info = start.result()
     except EngineStartError as error:
-        _print(f"radixfleet worker: the engine failed to start:\n{error}")
+        details = str(error).strip()
+        log.debug("engine start failure:\n%s", details)
+        _print(f"radixfleet worker: the engine failed to start: {details.splitlines()[-1] if details else error}"
+               + ("" if log.isEnabledFor(logging.DEBUG) else "  (--log-level debug shows the traceback)"))
         await client.shutdown(timeout_s=5)
         return 1
     tokenizer = info.tokenizer if info.tokenizer is not None else load_tokenizer(info.model_path)
