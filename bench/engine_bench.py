@@ -420,12 +420,14 @@ def run(args: argparse.Namespace) -> int:
         tok_s = result.output_tokens / roof.seconds
         add("offline throughput", f"nano-vllm: {len(work)} req, in/out U[{args.min_len},{args.max_len}], ignore_eos",
             result.output_tok_s, "output tok/s", tok_s, seconds=result.seconds, output_tokens=result.output_tokens,
-            input_tokens=result.input_tokens, steps=result.steps, roofline_bound=roof.bound)
+            input_tokens=result.input_tokens, steps=result.steps, roofline_bound=roof.bound,
+            label=f"nano-vllm {len(work)} req")
         subset = work[: args.hf_requests]
         sub = run_requests(engine, [(p, greedy(o)) for p, o in subset])
         sub_roof = workload_floor(cost, ceilings, [(len(p), o) for p, o in subset], args.max_running_requests)
         add("offline throughput", f"nano-vllm subset: first {len(subset)} req", sub.output_tok_s, "output tok/s",
-            sub.output_tokens / sub_roof.seconds, seconds=sub.seconds, output_tokens=sub.output_tokens)
+            sub.output_tokens / sub_roof.seconds, seconds=sub.seconds, output_tokens=sub.output_tokens,
+            label=f"nano-vllm first {len(subset)}")
         hf_jobs["offline"] = subset
 
     if "mixed" in workloads:
@@ -438,7 +440,8 @@ def run(args: argparse.Namespace) -> int:
             result.output_tok_s, "output tok/s", result.output_tokens / roof.seconds, seconds=result.seconds,
             output_tokens=result.output_tokens, input_tokens=result.input_tokens,
             cached_prompt_tokens=engine.cache.hit_tokens - before_hits,
-            p50_ttft_s=_median(result.ttft_s), note="roofline ignores the prefix-cache savings")
+            p50_ttft_s=_median(result.ttft_s), note="roofline ignores the prefix-cache savings",
+            label=f"mixed {len(jobs)} req")
 
     if "decode" in workloads:
         for batch in args.decode_batches:
@@ -447,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
             itl, samples = decode_itl(engine, batch, args.decode_context, args.decode_steps, vocab, args.seed + batch)
             roof = decode_step_floor(cost, ceilings, batch, args.decode_context + args.decode_steps // 2)
             add("decode ITL", f"batch {batch}, context ~{args.decode_context}", itl * 1e3, "ms/token",
-                roof.seconds * 1e3, better="lower", samples=samples,
+                roof.seconds * 1e3, better="lower", samples=samples, label=f"batch {batch}",
                 graph_bs=(executor.graphs.padded_size(batch) if getattr(executor, "graphs", None) and batch <= executor.graphs.batch_sizes[-1] else None))
         hf_jobs["decode"] = [b for b in args.hf_decode_batches if b in args.decode_batches]
 
@@ -462,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
             t = _median(times)
             roof = prefill_floor(cost, ceilings, n)
             add("prefill throughput", f"one {n:,}-token prompt (chunks of {args.max_num_batched_tokens})", n / t,
-                "tok/s", n / roof.seconds, ttft_s=t)
+                "tok/s", n / roof.seconds, ttft_s=t, label=f"{n // 1024}k tokens" if n % 1024 == 0 else f"{n} tokens")
         hf_jobs["prefill"] = list(args.prefill_lengths)
 
     if "ttft" in workloads:
@@ -485,10 +488,10 @@ def run(args: argparse.Namespace) -> int:
         report["cached_ttft_breakdown_ms"] = {**{k: v * 1e3 for k, v in prof.totals.items()}, "total": t_total * 1e3}
         print(f"  cached TTFT phases (ms): { {k: round(v, 3) for k, v in report['cached_ttft_breakdown_ms'].items()} }")
         add("TTFT", f"{n:,}-token prompt, cold", _median(cold) * 1e3, "ms",
-            prefill_floor(cost, ceilings, n).seconds * 1e3, better="lower")
+            prefill_floor(cost, ceilings, n).seconds * 1e3, better="lower", label="cold")
         add("TTFT", f"{n:,}-token prompt, first {cached_n:,} cached", _median(warm) * 1e3, "ms",
             prefill_floor(cost, ceilings, n - cached_n, prefix=cached_n).seconds * 1e3, better="lower",
-            cached_over_cold=_median(warm) / _median(cold))
+            cached_over_cold=_median(warm) / _median(cold), label=f"{cached_n:,} cached")
 
     breakdowns = {}
     if "breakdown" in workloads:
@@ -594,13 +597,12 @@ def emit(report: dict, rows: list[dict], breakdowns: dict, header: str, args, mo
             continue
         panels.append({
             "title": figure, "ylabel": ylabel,
-            "labels": [_short(r["setting"]) for r in sel],
+            "labels": [r.get("label", r["setting"][:20]) for r in sel],
             "series": {"radixfleet": [r["value"] for r in sel], "roofline": [r.get("roofline") for r in sel],
                        "transformers": [r.get("transformers") for r in sel]},
         })
-    png = bar_panels(out / f"{stem}.png", panels, header)
+    footnote = ("transformers: generate(), bf16, sdpa attention, same checkpoint and GPU, run after the engine; its offline "
+                "rate is one left-padded batch of the first requests (the full workloads would take hours). Roofline: "
+                "max(bytes / measured copy bandwidth, FLOPs / measured bf16 matmul rate), see bench/roofline.py.")
+    png = bar_panels(out / f"{stem}.png", panels, header, footnote=footnote)
     print(f"\nwrote {json_path}" + (f" and {png}" if png else ""))
-
-
-def _short(setting: str) -> str:
-    return setting.split(",")[0].replace("nano-vllm", "nano").replace("-token prompt", "")[:22]
