@@ -63,6 +63,7 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no tf32 rounding), else the default
     SINGLE_SPLIT: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -109,13 +110,13 @@ def _decode_split_kernel(
             other=0.0,
         ).to(q.dtype)
 
-        scores = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_H, BLOCK_N], log2 domain
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N], log2 domain
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     has_keys = l_i > 0.0
@@ -250,6 +251,7 @@ def decode_attention(
         BLOCK_H=block_h,
         BLOCK_N=block_n,
         PAGE_SIZE=page_size,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         SINGLE_SPLIT=single,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

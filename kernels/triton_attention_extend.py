@@ -60,6 +60,7 @@ def _extend_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no tf32 rounding), else the default
 ):
     head = tl.program_id(0)
     # Causal work grows with the query block index: launch the heaviest blocks first.
@@ -107,12 +108,12 @@ def _extend_kernel(
         else:
             k = tl.load(k_base + slot[:, None] * stride_k_slot + offs_d[None, :], mask=d_mask[None, :], other=0.0)
             v = tl.load(v_base + slot[:, None] * stride_v_slot + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2
+        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
     # Phase 2: the band from there to this block's last query position (capped at seq_len), masked.
@@ -125,14 +126,14 @@ def _extend_kernel(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + slot[:, None] * stride_k_slot + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + slot[:, None] * stride_v_slot + offs_d[None, :], mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2
+        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
         visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
     # Every valid row sees at least its own key, so l_i > 0 there; padded rows are not stored.
@@ -199,6 +200,7 @@ def extend_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         PAGE_SIZE=page_size,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
