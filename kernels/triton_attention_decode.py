@@ -32,6 +32,7 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3  # H200, Llama-3-8B shapes: 3 stages read ~9% faster than 2 at batch 256
 
+
 # Upper bound for the split count; the reduction kernel loads all splits of a head at once.
 MAX_SPLITS = 32
 
