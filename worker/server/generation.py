@@ -21,6 +21,7 @@ from worker.engine.output import ChoiceTextState
 from worker.engine.protocol import EngineOutput, EngineRequest, FinishReason, TokenLogprob
 from worker.sampling_params import SamplingParams
 from worker.server.engine_client import EngineClient, RequestStream
+from worker.server.errors import ApiError
 from worker.server.metrics import WorkerMetrics
 
 
@@ -107,7 +108,11 @@ class Generation:
 
     # ------------------------------------------------------------------ internals
     async def _next(self) -> list[ChoiceUpdate]:
-        outputs = await self._stream.next_batch()
+        try:
+            outputs = await self._stream.next_batch()
+        except ApiError:  # the engine refused the request or died: nothing left to abort or count
+            self._finished = [True] * self.params.n
+            raise
         now = time.monotonic()
         updates: dict[int, ChoiceUpdate] = {}
         for output in outputs:
