@@ -47,8 +47,8 @@ def _int_list(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="llama3-8b", help="a built-in preset (llama3-8b, qwen3-0.6b) or a local checkpoint folder")
-    parser.add_argument("--checkpoint-dir", default=str(Path.home() / ".cache" / "radixfleet" / "checkpoints"),
-                        help="where preset checkpoints are written on first use")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="where preset checkpoints are written on first use (default: $RADIXFLEET_HOME/bench-models)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16"])
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--mem-fraction", type=float, default=0.85)
@@ -306,7 +306,7 @@ class HFRunner:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def resolve_checkpoint(model: str, checkpoint_dir: str) -> Path:
+def resolve_checkpoint(model: str, checkpoint_dir: str | None) -> Path:
     folder = Path(model)
     if folder.is_dir():
         return folder
@@ -316,7 +316,12 @@ def resolve_checkpoint(model: str, checkpoint_dir: str) -> Path:
         get_preset(model)
     except Exception as exc:
         raise SystemExit(f"--model {model!r} is neither a checkpoint folder nor a built-in preset ({exc})") from None
-    folder = Path(checkpoint_dir) / model
+    if checkpoint_dir is None:
+        from worker.models.registry import radixfleet_home
+
+        checkpoint_dir = radixfleet_home() / "bench-models"
+    # Drawn on the GPU (fast for 8B shapes), so its values differ from the registry's CPU-drawn copy.
+    folder = Path(checkpoint_dir) / f"{model}-seed0-gpu"
     if not (folder / "config.json").is_file():
         from worker.models.checkpoint_writer import write_checkpoint
 
