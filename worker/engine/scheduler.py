@@ -389,4 +389,6 @@ class Scheduler:
             assert len(seq.pages) * self.page_size >= seq.num_computed, f"{seq.seq_id} lacks pages"
 
     def kv_tokens_in_use(self) -> int:
-        return (self.cache.num_locked_pages + len(self.private_pages())) * self.page_size
+        """Tokens of KV that cannot be reclaimed now: locked tree pages plus private pages. O(running)."""
+        private = sum(len(s.pages) - s.num_tree_tokens // self.page_size for s in self.running)
+        return (self.cache.num_locked_pages + private) * self.page_size
