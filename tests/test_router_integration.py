@@ -214,6 +214,10 @@ def test_failing_and_hanging_workers_are_retried_elsewhere(fleet_factory):
     replies = [client.chat.completions.create(model="m", messages=[{"role": "user", "content": str(i)}])
                for i in range(6)]
     assert all(r.choices[0].message.content == "Hello from s1 ." for r in replies)
+    fleet.state.pool.get(fleet.workers[0].url).breaker.record_success()  # back in rotation
+    streamed = ["".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": f"s{i}"}], stream=True) if c.choices) for i in range(2)]
+    assert streamed == ["Hello from s1 ."] * 2, "a stream failing before its first byte is retried too"
     fleet.workers[0].mode = "ok"
     fleet.workers[1].mode = "hang"
     fleet.state.pool.get(fleet.workers[1].url).breaker.record_success()
@@ -416,7 +420,9 @@ def test_metrics_report_routing(fleet_factory):
     assert status == 200
     for name in ("radixfleet_router_requests_total{worker=", 'reason="cache_miss"', 'reason="cache_hit"',
                  "radixfleet_router_predicted_match_ratio_count 3", "radixfleet_router_tree_size_tokens",
-                 "radixfleet_router_retries_total 0", 'radixfleet_router_worker_healthy{worker="w1"} 1'):
+                 "radixfleet_router_retries_total 0", 'radixfleet_router_worker_healthy{worker="w1"} 1',
+                 # the tree is bounded by the worker's KV capacity as reported by its /load
+                 'radixfleet_router_tree_capacity_tokens{worker="w0"} 65536'):
         assert name in text
     assert "127.0.0.1" not in text
 
