@@ -163,22 +163,22 @@ class Watermarks:
         self.imbalanced = False
 
     @staticmethod
-    def _over(load: float, min_load: float, abs_gap: float, rel: float) -> bool:
+    def over(load: float, min_load: float, abs_gap: float, rel: float) -> bool:
         return load - min_load > abs_gap and load > rel * min_load
 
     def update(self, workers: Sequence[WorkerState]) -> bool:
         loads = [w.load for w in workers]
         lo, hi = min(loads), max(loads)
         if self.imbalanced:
-            self.imbalanced = self._over(hi, lo, self.low_abs, self.low_rel)
+            self.imbalanced = self.over(hi, lo, self.low_abs, self.low_rel)
         else:
-            self.imbalanced = self._over(hi, lo, self.balance_abs, self.balance_rel)
+            self.imbalanced = self.over(hi, lo, self.balance_abs, self.balance_rel)
         return self.imbalanced
 
     def above_high(self, worker: WorkerState, workers: Sequence[WorkerState]) -> bool:
         """Is this worker far above the least loaded one (a pin must give way)?"""
         lo = min(w.load for w in workers)
-        return self._over(worker.load, lo, self.balance_abs, self.balance_rel)
+        return self.over(worker.load, lo, self.balance_abs, self.balance_rel)
 
 
 class SessionAffinity(Policy):
@@ -207,8 +207,10 @@ class SessionAffinity(Policy):
             self._rotation += 1
             return Decision(_least_loaded(workers, self._rotation), "no_session_key")
         ranked = sorted(workers, key=lambda w: self.weight(key, w.url), reverse=True)
+        min_load = min(w.load for w in workers)
+        marks = self.watermarks
         for worker in ranked:
-            if not self.watermarks.above_high(worker, workers):
+            if not marks.over(worker.load, min_load, marks.balance_abs, marks.balance_rel):
                 return Decision(worker, "session")
         return Decision(ranked[0], "session")
 
