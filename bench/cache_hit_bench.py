@@ -285,8 +285,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--standin", action="store_true", help="instant stand-in workers with a simulated cache")
@@ -301,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--out", default="results/cache_hit_bench")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
 
     def ours(policy: str):
         return lambda urls, port: [sys.executable, "-m", "worker.cli", "router", "--worker-urls", *urls,
@@ -351,6 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print(f"wrote {out}.json (matplotlib missing: no plot)")
     return 0
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -276,8 +276,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -285,15 +284,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-bytes", type=int, default=1024)
     parser.add_argument("--policies", nargs="+", default=["cache_aware", "round_robin"])
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--router-cpu", type=int, default=0, help="core the router under test is pinned to")
     parser.add_argument("--out", default="results/router_bench")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
 
     ncpu = os.cpu_count() or 1
-    router_cpus = {0}
-    other_cpus = {1} if ncpu > 1 else {0}
+    router_cpus = {args.router_cpu % ncpu}
+    other_cpus = ({c for c in range(ncpu) if c not in router_cpus} or router_cpus) if ncpu > 1 else {0}
     os.sched_setaffinity(0, other_cpus)  # the load generator shares the stand-ins' core
     payloads = make_payloads(256, args.prompt_bytes)
-    setup = (f"{cpu_model()}, {ncpu} cores; router pinned to core 0; {args.workers} fast stand-in workers + "
+    setup = (f"{cpu_model()}, {ncpu} cores; router pinned to core {sorted(router_cpus)[0]}; {args.workers} fast stand-in workers + "
              f"load generator on core {sorted(other_cpus)}; non-streaming chat, ~{len(payloads[0])} B bodies; "
              f"python {platform.python_version()}")
     print(f"router bench: {setup}", flush=True)
@@ -375,6 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print(f"wrote {out}.json (matplotlib missing: no plot)")
     return 0
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -193,14 +193,15 @@ def _bench_char(prompts, queries, workers, measure_memory):
             "evict_us_per_node": None}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=100_000, help="cached prompts per worker")
     parser.add_argument("--system-prompts", type=int, default=50)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--workers", type=int, default=4, help="worker trees probed per lookup")
     parser.add_argument("--out", default="results/tree_bench.json")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
 
     prompts, queries = make_workload(args.prompts, args.system_prompts, args.turns)
     text_bytes = sum(len(p) for p in prompts)
@@ -231,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
                                "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
