@@ -249,6 +249,16 @@ def measure(name: str, port: int, payloads: list[bytes], args, pid: int | None) 
     return row
 
 
+def median_row(samples: list[dict]) -> dict:
+    """Per-metric median over repeated measurements of one target (keeps every sample too)."""
+    row = {"target": samples[0]["target"], "repeats": len(samples), "samples": samples}
+    for key, value in samples[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = sorted(s[key] for s in samples)
+            row[key] = values[len(values) // 2]
+    return row
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -284,6 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-bytes", type=int, default=1024)
     parser.add_argument("--policies", nargs="+", default=["cache_aware", "round_robin"])
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--router-cpu", type=int, default=0, help="core the router under test is pinned to")
     parser.add_argument("--out", default="results/router_bench")
 
@@ -297,14 +308,14 @@ def run(args: argparse.Namespace) -> int:
     payloads = make_payloads(256, args.prompt_bytes)
     setup = (f"{cpu_model()}, {ncpu} cores; router pinned to core {sorted(router_cpus)[0]}; {args.workers} fast stand-in workers + "
              f"load generator on core {sorted(other_cpus)}; non-streaming chat, ~{len(payloads[0])} B bodies; "
-             f"python {platform.python_version()}")
+             f"python {platform.python_version()}; {args.seconds:.0f}s per phase")
     print(f"router bench: {setup}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     logs = out.parent / "router_bench_logs"
     logs.mkdir(exist_ok=True)
     procs: list[subprocess.Popen] = []
-    rows = []
+    router_procs: list[subprocess.Popen] = []
     try:
         worker_urls = []
         for i in range(args.workers):
@@ -315,8 +326,6 @@ def run(args: argparse.Namespace) -> int:
         for url, proc in zip(worker_urls, procs):
             wait_http(url + "/health", proc=proc)
         direct_port = int(worker_urls[0].rsplit(":", 1)[1])
-        rows.append(measure("direct (no router)", direct_port, payloads, args, None))
-
         targets = [(f"radixfleet {p}", [sys.executable, "-m", "worker.cli", "router", "--worker-urls", *worker_urls,
                                         "--policy", p, "--log-level", "WARNING", "--host", "127.0.0.1"])
                    for p in args.policies]
@@ -328,24 +337,30 @@ def run(args: argparse.Namespace) -> int:
                                 [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls,
                                  "--policy", "cache_aware", "--log-level", "warn", "--host", "127.0.0.1",
                                  "--prometheus-port", str(free_port())]))
+        # All routers run side by side (idle ones cost nothing) and are measured in interleaved rounds,
+        # so a burst of load from elsewhere on the machine cannot land on one router only.
+        live = [("direct (no router)", direct_port, None)]
         for name, argv_base in targets:
             port = free_port()
             proc = spawn(argv_base + ["--port", str(port)], router_cpus, logs / f"{name.replace(' ', '_')}.log")
-            try:
-                wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
-                time.sleep(1.0)
-                rows.append(measure(name, port, payloads, args, proc.pid))
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            router_procs.append(proc)
+            wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+            live.append((name, port, proc.pid))
+        time.sleep(1.0)
+        samples: dict[str, list[dict]] = {name: [] for name, _, _ in live}
+        for round_index in range(args.repeats):
+            print(f" round {round_index + 1}/{args.repeats}", flush=True)
+            for name, port, pid in live:
+                samples[name].append(measure(name, port, payloads, args, pid))
+        rows = [median_row(samples[name]) for name, _, _ in live]
     finally:
-        for proc in procs:
+        for proc in router_procs + procs:
             proc.terminate()
-        for proc in procs:
-            proc.wait()
+        for proc in router_procs + procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
     base = rows[0]
     for r in rows:
@@ -366,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['target']:<27} {r['achieved_rate']:>5.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
               f"{r['added_p50_ms']:>8.2f} {r['added_p99_ms']:>8.2f} {r['requests_per_s']:>6.0f} {cpu} {ratio:>7} "
               f"{r['machine_load_avg']:>5.1f}" + (f"  errors {r['errors']}" if r["errors"] else ""))
-    print("req/s: closed loop, wall clock. req/cpu-s: the same requests per CPU-second the router process used "
+    print(f"medians of {args.repeats} interleaved rounds. req/s: closed loop, wall clock. req/cpu-s: the same requests per CPU-second the router process used "
           "(its one-core capacity, robust to other load on the machine); vs peer compares that.\n"
           "targets: added p50 <= 1 ms and p99 <= 5 ms at 1,000 req/s; >= 3,000 req/s on one core. "
           "'direct' req/s is the load generator + stand-in ceiling; load = machine load average.")
