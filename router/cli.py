@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
-        worker_urls=list(args.worker_urls or []),
+        # Accept both "--worker-urls a b" and "--worker-urls a,b" (the form env files and compose use).
+        worker_urls=[url for arg in (args.worker_urls or []) for url in arg.split(",") if url.strip()],
         worker_dns=args.worker_dns,
         dns_interval_s=args.dns_interval,
         host=args.host,
