@@ -110,6 +110,8 @@ class RouterState:
         worker = self.pool.remove(url)
         if worker is not None:
             self.policy.forget_worker(worker)
+            if self.upstream is not None:
+                self.upstream.forget(worker.url)
         return worker
 
 

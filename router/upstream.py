@@ -431,6 +431,14 @@ class UpstreamPool:
                 raise
         raise UpstreamError("the worker closed two connections in a row")  # pragma: no cover
 
+    def forget(self, base_url: str) -> None:
+        """Close the idle connections to a worker that left the pool."""
+        target = self._targets.pop(base_url, None)
+        if target is None:
+            return
+        for conn in self._idle.pop(target[:3], []):
+            self._discard(conn)
+
     def close(self) -> None:
         for idle in self._idle.values():
             for conn in idle:
