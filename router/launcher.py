@@ -259,7 +259,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-base-port", type=int, default=8100, help="worker i listens on this + i")
     parser.add_argument("--health-timeout", type=float, default=900.0,
                         help="seconds to wait for workers to load and report healthy")
-    parser.add_argument("--api-key", default=None, help="passed to the router (clients must send it)")
+    parser.add_argument("--api-key", default=os.environ.get("RADIXFLEET_API_KEY"),
+                        help="clients must send 'Authorization: Bearer KEY' (env RADIXFLEET_API_KEY)")
     parser.add_argument("--worker-cmd", default=None, help=argparse.SUPPRESS)  # tests: {port} {index} {device} {model} {python}
 
 
@@ -271,8 +272,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"radixfleet up: {exc}", file=sys.stderr)
         return 2
-    extra = ["--api-key", args.api_key] if args.api_key else []
-    router = plan_router(workers, args.port, args.policy, args.host, extra)
+    router = plan_router(workers, args.port, args.policy, args.host)
+    if args.api_key:  # through the environment, not argv: command lines are visible to every user
+        router.env["RADIXFLEET_API_KEY"] = args.api_key
     shown_host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
     endpoint = f"http://{shown_host}:{args.port}/v1"
     device = "cuda" if workers[0].env.get("CUDA_VISIBLE_DEVICES") is not None else "cpu"
