@@ -107,6 +107,25 @@ def write_kv(
     v_cache[out_slots] = v.to(v_cache.dtype)
 
 
+def rope_and_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    rope_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out_slots: torch.Tensor,
+) -> torch.Tensor:
+    """apply_rope then write_kv in one call: stores rotated k and v at `out_slots`, returns rotated q.
+
+    Defined as exactly that composition; the Triton op fuses it into one launch with the same rounding.
+    """
+    q, k = apply_rope(q, k, positions, rope_cache)
+    write_kv(k_cache, v_cache, k, v, out_slots)
+    return q
+
+
 def context_slots(page_table_row: torch.Tensor, seq_len: int, page_size: int) -> torch.Tensor:
     """Slots holding positions [0, seq_len) of one sequence, read through its page table."""
     num_pages = -(-seq_len // page_size)

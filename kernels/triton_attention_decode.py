@@ -4,7 +4,9 @@ Each decode sequence has one new query token per head. One program handles one (
 split): it loads the whole group of query heads that share that KV head as a [BLOCK_H, D] tile, walks
 its share of the context in BLOCK_N-token tiles read through the page table, and multiplies each K/V
 tile with `tl.dot` for the whole group at once, so every K/V byte is read from memory once per group.
-A second kernel merges the splits' partial results with their log-sum-exp weights.
+The splits' partial results are merged with their log-sum-exp weights either by the last split of each
+(sequence, KV head) to finish, inside the same launch (an atomic counter per pair tells which is last),
+or by a second kernel.
 
 Graph safety: the grid is (batch, kv_heads, num_splits) and num_splits depends only on the batch size,
 the head count and the GPU (never on the sequence lengths); each program derives its token range from
@@ -37,7 +39,9 @@ class DecodeConfig:
 MAX_SPLITS = 32
 
 
-@triton.jit
+# Integers that change with the batch (the split count, the page-table width) are not specialised on:
+# a new value must never mean a new compile (a stall of hundreds of ms in live traffic).
+@triton.jit(do_not_specialize=["num_splits", "stride_pt_row"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -47,6 +51,7 @@ def _decode_split_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    counters_ptr,
     scale_log2,
     num_splits,
     stride_q_tok,
@@ -66,6 +71,8 @@ def _decode_split_kernel(
     PAGE_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no tf32 rounding), else the default
     SINGLE_SPLIT: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,  # the last split of each (sequence, KV head) to finish merges them all
+    BLOCK_S: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -134,9 +141,42 @@ def _decode_split_kernel(
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=h_mask)
         tl.store(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=h_mask[:, None])
+        if FUSED_REDUCE:
+            # Count the finished splits of this (sequence, KV head). The barrier makes every thread's
+            # partial stores precede the counter's release (acq_rel, GPU scope), so the program that
+            # finishes last sees all the partials; it merges them and resets the counter for the next launch.
+            tl.debug_barrier()
+            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+            finished_before = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if finished_before == num_splits - 1:
+                offs_s = tl.arange(0, BLOCK_S)
+                s_mask = offs_s < num_splits
+                for h in tl.static_range(GROUP):
+                    head = kv_head * GROUP + h
+                    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr + seq * stride_o_tok + head * stride_o_head,
+                                  (seq * tl.num_programs(1) * GROUP + head) * num_splits, offs_s, s_mask, offs_d,
+                                  HEAD_DIM, BLOCK_D, ".cg")
+                tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
+def _merge_splits(part_out_ptr, part_lse_ptr, out_row_ptr, first_row, offs_s, s_mask, offs_d,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CACHE: tl.constexpr):
+    """Merge one head's split results [num_splits, D] by their log-sum-exp weights into out_row_ptr."""
+    row = first_row + offs_s
+    lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"), cache_modifier=CACHE)
+    lse_max = tl.max(lse, axis=0)
+    # A sequence with no context at all (seq_len 0, e.g. CUDA-graph padding) yields zeros, not NaN.
+    safe_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weights = tl.exp2(lse - safe_max)
+    parts = tl.load(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0,
+                    cache_modifier=CACHE)
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(parts * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_row_ptr + offs_d, out.to(out_row_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_out_ptr,
     part_lse_ptr,
@@ -153,21 +193,8 @@ def _decode_reduce_kernel(
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
-    row = (seq * num_heads + head) * num_splits + offs_s
-    lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
-    # A sequence with no context at all (seq_len 0, e.g. CUDA-graph padding) yields zeros, not NaN.
-    safe_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    weights = tl.exp2(lse - safe_max)
-    parts = tl.load(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-    total = tl.sum(weights, axis=0)
-    out = tl.sum(parts * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(
-        out_ptr + seq * stride_o_tok + head * stride_o_head + offs_d,
-        out.to(out_ptr.dtype.element_ty),
-        mask=offs_d < HEAD_DIM,
-    )
+    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr + seq * stride_o_tok + head * stride_o_head,
+                  (seq * num_heads + head) * num_splits, offs_s, offs_s < num_splits, offs_d, HEAD_DIM, BLOCK_D, "")
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,6 +217,25 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, device: torch.device) 
     return min(MAX_SPLITS, triton.next_power_of_2(wanted))
 
 
+# (sequence, KV head) counters of the fused merge: zeroed once, and every launch leaves them at zero again.
+# Fixed capacity, allocated once per device and never replaced, so a captured CUDA graph's address stays valid.
+FUSED_REDUCE_CAPACITY = 1 << 14
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> torch.Tensor:
+    counters = _counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "decode_attention: run one eager decode step on this device before capturing a CUDA graph "
+                "(the fused merge's counters must be allocated outside the capture)"
+            )
+        counters = torch.zeros(FUSED_REDUCE_CAPACITY, dtype=torch.int32, device=device)
+        _counters[device] = counters
+    return counters
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -201,11 +247,16 @@ def decode_attention(
     out: torch.Tensor,
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
+    fuse_reduce: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context, written into `out`.
 
     q, out: [B, H, D] (row b is sequence b's token); k_cache, v_cache: [num_slots, KH, D];
     page_tables: [B, max_pages] int32; seq_lens: [B] int32 on the device (context incl. the new token).
+    With several splits, `fuse_reduce` merges them inside the split kernel (the last split of each
+    sequence and KV head to finish does it) instead of in a second launch; None: fused whenever the
+    counters cover the batch. Launches on one device must not run concurrently on two streams
+    while they share the counters (the engine runs every step on one stream).
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -221,11 +272,16 @@ def decode_attention(
     config = config or DecodeConfig()
     block_n = config.block_n if block_d <= 128 else min(config.block_n, 32)
     single = num_splits == 1
+    fits = batch * num_kv_heads <= FUSED_REDUCE_CAPACITY
+    if fuse_reduce and not fits:
+        raise ValueError(f"decode_attention: fuse_reduce covers batch x kv_heads <= {FUSED_REDUCE_CAPACITY}")
+    fused = not single and (fits if fuse_reduce is None else fuse_reduce)
     if single:
         part_out = part_lse = out  # unused placeholders
     else:
         part_out = torch.empty((batch, num_heads, num_splits, block_d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    counters = _split_counters(q.device) if fused else out  # placeholder when unused
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -235,6 +291,7 @@ def decode_attention(
         out,
         part_out,
         part_lse,
+        counters,
         scale * LOG2E,
         num_splits,
         q.stride(0),
@@ -254,10 +311,12 @@ def decode_attention(
         PAGE_SIZE=page_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         SINGLE_SPLIT=single,
+        FUSED_REDUCE=fused,
+        BLOCK_S=MAX_SPLITS,  # fixed: one compiled variant for every split count
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if not single:
+    if not single and not fused:
         _decode_reduce_kernel[(batch, num_heads)](
             part_out,
             part_lse,
@@ -268,7 +327,7 @@ def decode_attention(
             out.stride(1),
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_S=MAX_SPLITS,  # fixed: one compiled variant for every split count
             num_warps=4,
         )
     return out

@@ -33,7 +33,13 @@ class ExtendConfig:
 
 
 
-@triton.jit
+# Integers that change with the batch (query-block count, page-table width) are not specialised on, nor
+# is the alignment of the per-sequence metadata pointers (views that start after the batch's decodes):
+# a new batch shape must never mean a new compile (a stall of hundreds of ms in live traffic).
+@triton.jit(
+    do_not_specialize=["num_m_blocks", "stride_pt_row"],
+    do_not_specialize_on_alignment=["page_table_ptr", "seq_lens_ptr", "extend_lens_ptr", "extend_starts_ptr"],
+)
 def _extend_kernel(
     q_ptr,
     k_cache_ptr,

@@ -17,6 +17,7 @@ from kernels.torch_ref import build_rope_cache, context_slots, rope_inv_freq  # 
 from kernels.triton_attention_decode import decode_attention
 from kernels.triton_attention_extend import extend_attention
 from kernels.triton_norm_rope_act import apply_rope, rms_norm, silu_and_mul  # noqa: F401
+from kernels.triton_rope_write_kv import rope_and_write_kv  # noqa: F401
 from kernels.triton_write_kv import write_kv  # noqa: F401
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "paged_attention",
     "paged_attention_into",
     "rms_norm",
+    "rope_and_write_kv",
     "rope_inv_freq",
     "silu_and_mul",
     "write_kv",

@@ -26,6 +26,7 @@ _KERNEL_MODULES = [
     "kernels.triton_attention_decode",
     "kernels.triton_attention_extend",
     "kernels.triton_norm_rope_act",
+    "kernels.triton_rope_write_kv",
     "kernels.triton_write_kv",
     "kernels.triton_ops",
 ]
@@ -34,6 +35,7 @@ for _name in _KERNEL_MODULES:  # if another test imported them first, re-decorat
         importlib.reload(sys.modules[_name])
 
 from kernels import torch_ref, triton_ops  # noqa: E402
+from kernels import triton_attention_decode  # noqa: E402
 from kernels.triton_attention_decode import decode_attention  # noqa: E402
 from kernels.triton_testing import make_case, patch_interpreter_scalar_index  # noqa: E402
 
@@ -98,15 +100,38 @@ def test_decode_split_counts_agree(num_splits):
     assert_close_everywhere(out, reference_attention(case), torch.float32)
 
 
+@pytest.mark.parametrize("num_splits", [2, 5, 32])
+def test_decode_fused_merge_matches_the_reduce_kernel_and_resets_its_counters(num_splits):
+    """The in-kernel merge (last split to finish) gives the separate reduce kernel's answer, and leaves
+    every counter at zero so the next launch (or graph replay) starts clean."""
+    torch.manual_seed(20 + num_splits)
+    case = make_case(
+        [1, 40, 129, 300], [1] * 4, num_decodes=4, page_size=16,
+        num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32,
+    )
+    m = case.meta
+    outs = []
+    for fuse in (True, False, True):  # fused twice: the second launch relies on the reset counters
+        out = torch.full_like(case.q, float("nan"))
+        decode_attention(case.q, case.k_cache, case.v_cache, m.page_tables, m.seq_lens, m.page_size, case.scale,
+                         out, num_splits, fuse_reduce=fuse)
+        outs.append(out)
+    assert_close_everywhere(outs[0], reference_attention(case), torch.float32)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+    assert torch.equal(outs[0], outs[2])
+    assert not triton_attention_decode._split_counters(case.q.device).any()
+
+
 def test_decode_padding_sequence_with_no_context_gives_zeros():
     """CUDA-graph padding rows may carry seq_len 0: they must produce zeros, never NaN."""
     torch.manual_seed(7)
     case = make_case([9, 1], [1, 1], num_decodes=2, page_size=4, num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.float32)
     seq_lens = case.meta.seq_lens.clone()
     seq_lens[1] = 0
-    for splits in (1, 4):
+    for splits, fuse in ((1, None), (4, False), (4, True)):
         out = torch.full_like(case.q, float("nan"))
-        decode_attention(case.q, case.k_cache, case.v_cache, case.meta.page_tables, seq_lens, 4, case.scale, out, splits)
+        decode_attention(case.q, case.k_cache, case.v_cache, case.meta.page_tables, seq_lens, 4, case.scale, out, splits,
+                         fuse_reduce=fuse)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         assert_close_everywhere(out[:1], reference_attention(case)[:1], torch.float32)
 
@@ -169,6 +194,44 @@ def test_write_kv_writes_exactly_the_given_slots(dtype):
         assert torch.equal(ref[slots], got[slots])
 
 
+# --------------------------------------------------------------------------- fused RoPE + write_kv
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim, heads, kv_heads", [(64, 4, 2), (128, 3, 1)])
+def test_rope_and_write_kv_equals_apply_rope_then_write_kv(dtype, head_dim, heads, kv_heads):
+    """One launch, bit for bit what the two separate Triton ops give (and the torch reference in bf16,
+    where the interpreter's arithmetic is exact); only the token slots are written."""
+    torch.manual_seed(head_dim + heads)
+    tokens, num_slots = 7, 50
+    cache = torch_ref.build_rope_cache(head_dim, 600, 10000.0)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim).to(dtype)
+    q, k, v = qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]  # strided views
+    positions = torch.tensor([0, 1, 15, 16, 100, 511, 599])
+    slots = torch.randperm(num_slots)[:tokens]
+    caches = [torch.full((num_slots, kv_heads, head_dim), float("nan"), dtype=dtype) for _ in range(4)]
+
+    fused_q = triton_ops.rope_and_write_kv(q, k, v, positions, cache, caches[0], caches[1], slots)
+    sep_q, sep_k = triton_ops.apply_rope(q, k, positions, cache)
+    triton_ops.write_kv(caches[2], caches[3], sep_k, v, slots)
+    assert fused_q.shape == q.shape and fused_q.dtype == dtype
+    assert torch.equal(fused_q, sep_q)
+    for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(got.isnan(), want.isnan()), "a slot outside out_slots was written (or one was missed)"
+        assert torch.equal(got[slots], want[slots])
+    if dtype == torch.bfloat16:
+        ref_caches = [torch.full_like(caches[0], float("nan")) for _ in range(2)]
+        ref_q = torch_ref.rope_and_write_kv(q, k, v, positions, cache, ref_caches[0], ref_caches[1], slots)
+        assert torch.equal(fused_q, ref_q)
+        assert torch.equal(caches[0][slots], ref_caches[0][slots]) and torch.equal(caches[1][slots], ref_caches[1][slots])
+
+
+def test_rope_and_write_kv_rejects_mismatched_cache():
+    q, k = torch.randn(2, 4, 64), torch.randn(2, 2, 64)
+    cache = torch.zeros(8, 1, 64)
+    rope = torch_ref.build_rope_cache(64, 16, 10000.0)
+    with pytest.raises(ValueError, match="do not match caches"):
+        triton_ops.rope_and_write_kv(q, k, k, torch.tensor([0, 1]), rope, cache, cache, torch.tensor([0, 1]))
+
+
 # --------------------------------------------------------------------------- RMSNorm, RoPE, SiLU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -223,6 +286,7 @@ def test_silu_and_mul(dtype):
 
 def test_ops_module_matches_reference_signatures():
     """The model code takes either module as `ops`: every reference op must exist in triton_ops."""
-    for name in ("rms_norm", "apply_rope", "silu_and_mul", "write_kv", "paged_attention", "build_rope_cache"):
+    for name in ("rms_norm", "apply_rope", "silu_and_mul", "write_kv", "paged_attention", "build_rope_cache",
+                 "rope_and_write_kv"):
         ref_fn, tri_fn = getattr(torch_ref, name), getattr(triton_ops, name)
         assert list(inspect.signature(ref_fn).parameters) == list(inspect.signature(tri_fn).parameters), name

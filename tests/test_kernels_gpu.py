@@ -163,3 +163,61 @@ def test_rms_norm_rope_silu_bf16_match_reference():
     out, ref = ops.silu_and_mul(gate_up), torch_ref.silu_and_mul(gate_up)
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=1e-2)
     assert (out == ref).float().mean() > 0.99
+
+
+def test_rope_and_write_kv_bit_identical_to_the_separate_ops():
+    """The fused launch (RoPE on q and k, K/V into the paged cache) at serving size, llama3 RoPE scaling:
+    bit for bit what apply_rope then write_kv give, and nothing written outside the tokens' slots."""
+    torch.manual_seed(2)
+    ops = _ops()
+    tokens, slots_total = 3001, 50_000
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    cache = torch_ref.build_rope_cache(128, 131072, 500000.0, scaling, device="cuda")
+    qkv = torch.randn(tokens, 48, 128, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv[:, :32], qkv[:, 32:40], qkv[:, 40:]  # strided views of a fused projection
+    positions = torch.randint(0, 131072, (tokens,), device="cuda")
+    slots = torch.randperm(slots_total, device="cuda")[:tokens]
+    caches = [torch.full((slots_total, 8, 128), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    fused_q = ops.rope_and_write_kv(q, k, v, positions, cache, caches[0], caches[1], slots)
+    sep_q, sep_k = ops.apply_rope(q, k, positions, cache)
+    ops.write_kv(caches[2], caches[3], sep_k, v, slots)
+    assert torch.equal(fused_q, sep_q)
+    for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got[slots], want[slots])
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_decode_fused_merge_replays_in_a_cuda_graph(batch):
+    """Small decode batches merge their splits inside the split kernel (atomic counters): replayed
+    several times with new lengths in a graph it must match the reference and leave the counters at 0."""
+    from kernels import triton_attention_decode as decode
+
+    torch.manual_seed(batch)
+    seq_lens = [513, 1, 4096, 100, 16, 17, 2048, 300][:batch]
+    case = make_case(
+        seq_lens, [1] * batch, num_decodes=batch, page_size=16,
+        num_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, device="cuda",
+    )
+    meta = case.meta
+    full = meta.seq_lens.clone()
+    out = torch.full_like(case.q, float("nan"))
+
+    def launch():
+        decode.decode_attention(case.q, case.k_cache, case.v_cache, meta.page_tables, meta.seq_lens,
+                                meta.page_size, case.scale, out, fuse_reduce=True)
+
+    launch()  # compile and allocate the counters outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    for shrink in (7, 0, 1):
+        lengths = torch.clamp(full - shrink, min=1)
+        meta.seq_lens.copy_(lengths)
+        meta.seq_lens_list[:] = lengths.tolist()
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_attention_close(out, reference(case))
+    assert not decode._split_counters(case.q.device).any()

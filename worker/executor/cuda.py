@@ -8,7 +8,9 @@ What it adds to the model code:
   reserve for the CUDA graphs;
 - batch tensors packed into pinned host buffers and moved with one non_blocking copy per dtype, with
   the attention metadata built here (so the model never makes its own small synchronous copies);
-- decode steps replayed from CUDA graphs (worker.executor.cuda_graphs), other steps eager.
+- decode steps replayed from CUDA graphs (worker.executor.cuda_graphs), other steps eager;
+- a short kernel warm-up at start (prefill, extend, mixed and decode shapes) so Triton compiles before
+  the first request rather than in the middle of live traffic.
 
 forward() returns float32 logits on the GPU; the sampler runs there too.
 """
@@ -16,11 +18,13 @@ forward() returns float32 logits on the GPU; the sampler runs there too.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from kernels.attention_metadata import AttentionMetadata
 from worker.config import ConfigError, EngineConfig
@@ -293,8 +297,61 @@ class CUDAExecutor(Executor):
         self._kv_pool = pool
         self.kv_caches = [(pool[layer, 0], pool[layer, 1]) for layer in range(cfg.num_hidden_layers)]
         self.page_size = page_size
+        self._warm_up_kernels(page_size)
         if self._graphs_wanted():
             self._capture_graphs(page_size)
+
+    # ------------------------------------------------------------------ warm-up
+    def _warm_up_shapes(self, page_size: int) -> list[ForwardBatch]:
+        """Representative eager steps: fresh prefills, extends over a cached prefix, decodes mixed with a
+        chunk (their metadata views start at unaligned offsets), and decode-only batches small enough for
+        the fused split merge and large enough for a single split. Every K/V write lands in the scratch
+        page 0 and every page table points at it, so no request's pages are touched."""
+        budget = min(self.config.max_num_batched_tokens, self.max_model_len - 1)
+        max_seqs = self.config.max_running_requests
+
+        def step(extends: list[int], prefixes: list[int], num_decodes: int) -> ForwardBatch:
+            seq_lens = [p + e for p, e in zip(prefixes, extends)]
+            positions = torch.cat([torch.arange(p, p + e, dtype=torch.int64) for p, e in zip(prefixes, extends)])
+            width = max(-(-s // page_size) for s in seq_lens)
+            return ForwardBatch(
+                input_ids=torch.zeros(len(positions), dtype=torch.int64),
+                positions=positions,
+                out_slots=positions % page_size,  # the scratch page
+                page_tables=torch.zeros(len(seq_lens), width, dtype=torch.int32),
+                seq_lens=seq_lens,
+                extend_lens=extends,
+                logits_indices=torch.tensor(extends, dtype=torch.int64).cumsum(0) - 1,
+                num_decodes=num_decodes,
+                page_size=page_size,
+            )
+
+        shapes = [step([n], [0], 0) for n in sorted({1, 7, min(64, budget), min(333, budget)})]
+        chunk = min(40, budget)
+        shapes.append(step([chunk], [max(0, min(100, budget - chunk))], 0))  # a chunk on a cached prefix
+        if budget < 40:  # a tiny context: the prefills above are all there is room for
+            return shapes
+        for decodes in (1, 3):  # decodes first, then a chunk: views of the metadata start mid-buffer
+            if decodes + 1 <= max_seqs:
+                shapes.append(step([1] * decodes + [20], [32] * decodes + [16], decodes))
+        for batch in sorted({1, min(max_seqs, 64)}):  # fused split merge / one split
+            shapes.append(step([1] * batch, [32] * batch, batch))
+        return shapes
+
+    def _warm_up_kernels(self, page_size: int) -> None:
+        """Compile the Triton kernel variants live traffic meets (prefill, extend, mixed, eager decode) now,
+        with a progress line, instead of stalling the first request of each new shape. Integers that vary
+        with the batch are not specialised on (kernels/), so these few shapes cover the rest."""
+        if self._device.type != "cuda" or not self.ops.__name__.endswith("triton_ops"):
+            return
+        shapes = self._warm_up_shapes(page_size)
+        start = time.perf_counter()
+        with tqdm(total=len(shapes), desc="Compiling kernels", unit="step", disable=not self.config.progress) as bar:
+            for batch in shapes:
+                self.forward_eager(batch)
+                bar.update()
+        torch.cuda.synchronize(self._device)
+        log.info("kernel warm-up: %d steps in %.1f s", len(shapes), time.perf_counter() - start)
 
     def _capture_graphs(self, page_size: int) -> None:
         max_bs = min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
