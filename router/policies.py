@@ -168,7 +168,10 @@ class Watermarks:
 
     def update(self, workers: Sequence[WorkerState]) -> bool:
         loads = [w.load for w in workers]
-        lo, hi = min(loads), max(loads)
+        return self.update_range(min(loads), max(loads))
+
+    def update_range(self, lo: float, hi: float) -> bool:
+        """Same as update(), given the least and greatest load (the hot path has them already)."""
         if self.imbalanced:
             self.imbalanced = self.over(hi, lo, self.low_abs, self.low_rel)
         else:
@@ -243,64 +246,64 @@ class CacheAware(Policy):
         if self.sessions is not None:
             self.sessions.unpin_worker(worker.url)
 
-    def _queue_tokens(self, worker: WorkerState) -> float:
-        return worker.outstanding_tokens + self.request_cost_tokens * worker.load
-
     def choose(self, workers, request):
         if not workers:
             raise NoWorkerAvailable
         self._rotation += 1
-        hashes = request.hashes
         text_chars = max(request.text_chars, 1)
-        imbalanced = self.watermarks.update(workers)
+        loads = [w.load for w in workers]  # read once: `load` is a property
+        min_load = min(loads)
+        imbalanced = self.watermarks.update_range(min_load, max(loads))
+        marks = self.watermarks
 
         sessions = self.sessions
         key = request.session_key
         if sessions is not None and key:
             pinned_url = sessions.get(key)
             if pinned_url is not None:
-                for w in workers:
+                for i, w in enumerate(workers):
                     if w.url == pinned_url:
-                        if not self.watermarks.above_high(w, workers):
+                        if not marks.over(loads[i], min_load, marks.balance_abs, marks.balance_rel):
                             sessions.pin(key, w.url)  # refresh expiry
-                            chars = w.tree.match_chars(hashes)
+                            chars = w.tree.match_chars(request.hashes)
                             return Decision(w, "session", chars, min(1.0, chars / text_chars))
                         break
-            decision = self._choose_by_cache_and_load(workers, request, imbalanced, text_chars)
+            decision = self._choose_by_cache_and_load(workers, loads, min_load, request, imbalanced, text_chars)
             sessions.pin(key, decision.worker.url)
             return decision
-        return self._choose_by_cache_and_load(workers, request, imbalanced, text_chars)
+        return self._choose_by_cache_and_load(workers, loads, min_load, request, imbalanced, text_chars)
 
-    def _choose_by_cache_and_load(self, workers, request, imbalanced, text_chars) -> Decision:
+    def _choose_by_cache_and_load(self, workers, loads, min_load, request, imbalanced, text_chars) -> Decision:
         hashes = request.hashes
-        matches = [w.tree.match_chars(hashes) for w in workers] if hashes else [0] * len(workers)
-        if len(workers) == 1:
-            return Decision(workers[0], "only_worker", matches[0], min(1.0, matches[0] / text_chars))
         n = len(workers)
+        matches = [w.tree.match_chars(hashes) for w in workers] if hashes else [0] * n
+        if n == 1:
+            return Decision(workers[0], "only_worker", matches[0], min(1.0, matches[0] / text_chars))
+        rotation = self._rotation
         if imbalanced:
-            min_load = min(w.load for w in workers)
             best_i = min(
-                (i for i in range(n) if workers[i].load == min_load),
-                key=lambda i: (-matches[i], workers[i].outstanding_tokens, workers[i].processed,
-                               (i - self._rotation) % n),
+                (i for i in range(n) if loads[i] == min_load),
+                key=lambda i: (-matches[i], workers[i].outstanding_tokens, workers[i].processed, (i - rotation) % n),
             )
             return Decision(workers[best_i], "imbalance", matches[best_i], min(1.0, matches[best_i] / text_chars))
 
         best_match = max(matches)
         if best_match / text_chars < self.cache_threshold:
-            w = _least_loaded(workers, self._rotation)
+            w = _least_loaded(workers, rotation)
             chars = matches[workers.index(w)]
             return Decision(w, "cache_miss", chars, min(1.0, chars / text_chars))
 
+        # Score: prefill tokens the match saves minus the queue the request would join there
+        # (outstanding uncached prompt tokens + request_cost_tokens per in-flight request).
         per_token = 1.0 / request.chars_per_token
-        best_i = None
+        cost = self.request_cost_tokens
+        best_i = 0
         best_key = None
         for i, w in enumerate(workers):
-            score = matches[i] * per_token - self._queue_tokens(w)
-            key = (-score, w.load, w.processed, (i - self._rotation) % n)
+            score = matches[i] * per_token - w.outstanding_tokens - cost * loads[i]
+            key = (-score, loads[i], w.processed, (i - rotation) % n)
             if best_key is None or key < best_key:
                 best_i, best_key = i, key
-        assert best_i is not None
         chars = matches[best_i]
         reason = "cache_hit" if chars == best_match else "load_over_cache"
         return Decision(workers[best_i], reason, chars, min(1.0, chars / text_chars))
