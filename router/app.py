@@ -66,6 +66,7 @@ class RouterState:
         self.monitor: HealthMonitor | None = None
         self.discovery: DnsDiscovery | None = None
         self._tasks: list[asyncio.Task] = []
+        self._probes: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=60)
@@ -103,7 +104,9 @@ class RouterState:
     def add_worker(self, url: str, source: str):
         worker = self.pool.add(url, source)
         if self.monitor is not None:  # check it at once rather than at the next poll
-            asyncio.get_running_loop().create_task(self.monitor.check(worker))
+            task = asyncio.get_running_loop().create_task(self.monitor.check(worker))
+            self._probes.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._probes.discard)
         return worker
 
     def remove_worker(self, url: str):
