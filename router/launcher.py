@@ -124,6 +124,7 @@ class ManagedProcess:
         self.stopping = False
         self.restarts = 0
         self._supervisor: asyncio.Task | None = None
+        self._relay_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self._spawn()
@@ -136,7 +137,7 @@ class ManagedProcess:
             start_new_session=True)  # our own signal handling decides when children stop
         self.started_at = time.monotonic()
         _say(f"started {self.spec.name} (pid {self.proc.pid}): {shlex.join(self.spec.argv)}")
-        asyncio.get_running_loop().create_task(self._relay(self.proc))
+        self._relay_task = asyncio.get_running_loop().create_task(self._relay(self.proc))
 
     async def _relay(self, proc: asyncio.subprocess.Process) -> None:
         prefix = f"[{self.spec.name}] ".encode()
