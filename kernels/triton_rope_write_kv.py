@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from kernels.pdl import pdl_enabled
 from kernels.triton_norm_rope_act import _round_to
 
 
@@ -70,8 +72,12 @@ def _rope_and_write_kv_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_KH: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel (see pdl.py)
 ):
     tok = tl.program_id(0).to(tl.int64)
+    if USE_PDL:
+        gdc_wait()  # the QKV projection has completed
+        gdc_launch_dependents()  # the attention kernel may get scheduled now (it waits for us to finish)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
     slot = tl.load(slots_ptr + tok).to(tl.int64)
     dtype = q_ptr.dtype.element_ty
@@ -142,6 +148,7 @@ def rope_and_write_kv(
     if tokens == 0:
         return q_out
     half = head_dim // 2
+    use_pdl = pdl_enabled(q.device)
     _rope_and_write_kv_kernel[(tokens,)](
         q,
         k,
@@ -171,6 +178,8 @@ def rope_and_write_kv(
         BLOCK_H=triton.next_power_of_2(num_heads),
         BLOCK_KH=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half),
+        USE_PDL=use_pdl,
         num_warps=4,
+        launch_pdl=use_pdl,
     )
     return q_out

@@ -35,7 +35,6 @@ for _name in _KERNEL_MODULES:  # if another test imported them first, re-decorat
         importlib.reload(sys.modules[_name])
 
 from kernels import torch_ref, triton_ops  # noqa: E402
-from kernels import triton_attention_decode  # noqa: E402
 from kernels.triton_attention_decode import decode_attention  # noqa: E402
 from kernels.triton_testing import make_case, patch_interpreter_scalar_index  # noqa: E402
 
@@ -100,38 +99,15 @@ def test_decode_split_counts_agree(num_splits):
     assert_close_everywhere(out, reference_attention(case), torch.float32)
 
 
-@pytest.mark.parametrize("num_splits", [2, 5, 32])
-def test_decode_fused_merge_matches_the_reduce_kernel_and_resets_its_counters(num_splits):
-    """The in-kernel merge (last split to finish) gives the separate reduce kernel's answer, and leaves
-    every counter at zero so the next launch (or graph replay) starts clean."""
-    torch.manual_seed(20 + num_splits)
-    case = make_case(
-        [1, 40, 129, 300], [1] * 4, num_decodes=4, page_size=16,
-        num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32,
-    )
-    m = case.meta
-    outs = []
-    for fuse in (True, False, True):  # fused twice: the second launch relies on the reset counters
-        out = torch.full_like(case.q, float("nan"))
-        decode_attention(case.q, case.k_cache, case.v_cache, m.page_tables, m.seq_lens, m.page_size, case.scale,
-                         out, num_splits, fuse_reduce=fuse)
-        outs.append(out)
-    assert_close_everywhere(outs[0], reference_attention(case), torch.float32)
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
-    assert torch.equal(outs[0], outs[2])
-    assert not triton_attention_decode._split_counters(case.q.device).any()
-
-
 def test_decode_padding_sequence_with_no_context_gives_zeros():
     """CUDA-graph padding rows may carry seq_len 0: they must produce zeros, never NaN."""
     torch.manual_seed(7)
     case = make_case([9, 1], [1, 1], num_decodes=2, page_size=4, num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.float32)
     seq_lens = case.meta.seq_lens.clone()
     seq_lens[1] = 0
-    for splits, fuse in ((1, None), (4, False), (4, True)):
+    for splits in (1, 4):
         out = torch.full_like(case.q, float("nan"))
-        decode_attention(case.q, case.k_cache, case.v_cache, case.meta.page_tables, seq_lens, 4, case.scale, out, splits,
-                         fuse_reduce=fuse)
+        decode_attention(case.q, case.k_cache, case.v_cache, case.meta.page_tables, seq_lens, 4, case.scale, out, splits)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         assert_close_everywhere(out[:1], reference_attention(case)[:1], torch.float32)
 
