@@ -181,8 +181,13 @@ class ManagedProcess:
             self._supervisor.cancel()
 
 
+# A process that exits this many times before it ever becomes healthy is not going to: give up early.
+MAX_EXITS_BEFORE_HEALTHY = 3
+
+
 async def wait_healthy(url: str, process: ManagedProcess, timeout_s: float, stop: asyncio.Event) -> bool:
-    """Poll a /health URL until it answers 200 (True), the timeout passes or a stop is asked (False)."""
+    """Poll a /health URL until it answers 200 (True), the timeout passes, the process keeps
+    crashing before it gets there, or a stop is asked (False)."""
     import aiohttp
 
     deadline = time.monotonic() + timeout_s
@@ -195,6 +200,10 @@ async def wait_healthy(url: str, process: ManagedProcess, timeout_s: float, stop
                         return True
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 pass
+            if process.restarts >= MAX_EXITS_BEFORE_HEALTHY:
+                _say(f"{process.spec.name} exited {process.restarts} times before becoming healthy: "
+                     "see its log above")
+                return False
             if time.monotonic() - last_report > 15:
                 last_report = time.monotonic()
                 _say(f"still waiting for {process.spec.name} to become healthy...")
@@ -228,7 +237,8 @@ async def launch(workers: list[ProcessSpec], router: ProcessSpec, health_timeout
             return 130
         if not all(results):
             bad = [p.spec.name for p, ok in zip(managed, results) if not ok]
-            _say(f"{', '.join(bad)} not healthy after {health_timeout_s:.0f}s: see their logs above; stopping")
+            _say(f"{', '.join(bad)} did not become healthy (timeout {health_timeout_s:.0f}s): "
+                 "see their logs above; stopping")
             return 1
         await router_proc.start()
         if not await wait_healthy(router.health_url, router_proc, 60, stop):

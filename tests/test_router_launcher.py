@@ -153,3 +153,15 @@ def test_up_starts_workers_and_router_restarts_a_crash_and_stops_cleanly():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.timeout(60)
+def test_up_gives_up_on_a_worker_that_keeps_crashing_before_it_is_healthy():
+    base = _free_port_block(2)
+    cmd = [sys.executable, "-m", "worker.cli", "up", "--device", "cpu", "--num-workers", "1",
+           "--port", str(base), "--worker-base-port", str(base + 1),
+           "--worker-cmd", "{python} -c 'import sys; print(\"no such model\"); sys.exit(3)'"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 1
+    assert "[worker0] no such model" in proc.stdout
+    assert "worker0 exited 3 times before becoming healthy" in proc.stdout
