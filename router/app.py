@@ -206,7 +206,8 @@ async def health_handler(request: web.Request) -> web.Response:
 
 async def metrics_handler(request: web.Request) -> web.Response:
     state: RouterState = request.app[STATE_KEY]
-    text = state.metrics.render(state.pool, time.monotonic(), state.draining, len(state.sessions))
+    opened = state.upstream.connections_opened if state.upstream is not None else 0
+    text = state.metrics.render(state.pool, time.monotonic(), state.draining, len(state.sessions), opened)
     return web.Response(text=text, content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 

@@ -38,7 +38,8 @@ class RouterMetrics:
                 self.match_buckets[i] += 1
                 break
 
-    def render(self, pool: "WorkerPool", now: float, draining: bool, sessions: int) -> str:
+    def render(self, pool: "WorkerPool", now: float, draining: bool, sessions: int,
+               upstream_connections_opened: int = 0) -> str:
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -92,6 +93,9 @@ class RouterMetrics:
         lines.append(f"radixfleet_router_workers {len(workers)}")
         family("radixfleet_router_sessions", "gauge", "Session pins held.")
         lines.append(f"radixfleet_router_sessions {sessions}")
+        family("radixfleet_router_upstream_connections_opened_total", "counter",
+               "Connections opened to workers (keep-alive reuses them).")
+        lines.append(f"radixfleet_router_upstream_connections_opened_total {upstream_connections_opened}")
         family("radixfleet_router_draining", "gauge", "1 while the router drains before shutdown.")
         lines.append(f"radixfleet_router_draining {int(draining)}")
         return "\n".join(lines) + "\n"

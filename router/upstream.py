@@ -353,6 +353,7 @@ class UpstreamPool:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._targets: dict[str, tuple[str, int, bool, str]] = {}
         self._ssl: ssl.SSLContext | None = None
+        self.connections_opened = 0  # a steadily growing count means keep-alive is not working
 
     def _target(self, base_url: str) -> tuple[str, int, bool, str]:
         target = self._targets.get(base_url)
@@ -378,6 +379,7 @@ class UpstreamPool:
             raise UpstreamConnectError(f"connect timeout after {self.connect_timeout_s:.0f}s") from None
         except OSError as exc:
             raise UpstreamConnectError(f"cannot connect: {exc.__class__.__name__}") from None
+        self.connections_opened += 1
         return conn
 
     def _give_back(self, conn: _Connection) -> None:
