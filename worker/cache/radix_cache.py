@@ -28,7 +28,7 @@ Complexity (``L`` = query tokens, ``P`` = page_size, ``d`` = nodes on the matche
 * ``insert``: as ``match_prefix``, plus O(pages) to compare the caller's page ids with the tree's.
 * ``lock`` / ``unlock``: O(depth).
 * ``evict(n)``: O((k + s) log H) for k evicted nodes and s stale heap entries skipped (H = heap size; the
-  heap is rebuilt when stale entries outnumber live nodes, so H stays O(N) amortised).
+  heap is rebuilt when it grows past twice the node count, so H stays O(N), amortised).
 * ``num_evictable_pages``, ``num_locked_pages``, ``num_cached_pages``: O(1) counters.
 * ``reset``: O(N). ``check_invariants``: O(N + num_pages), for tests.
 """
@@ -245,7 +245,8 @@ class RadixCache:
         Where the tree already holds a page position under another page id, the caller's duplicate page is
         freed and the tree's id is returned in its place (the caller must swap to the returned pages). The
         inserted path is touched (LRU) but not locked. With the cache disabled, all ``pages`` are freed and
-        an empty match at the root is returned.
+        an empty match at the root is returned: a scheduler running without the cache must not insert
+        chunked-prefill progress (it would free pages the request still uses), only finished sequences.
         """
         ps = self.page_size
         if len(token_ids) % ps:
@@ -364,14 +365,6 @@ class RadixCache:
             self.pool.free(node.pages)
 
     # ------------------------------------------------------------------ checks
-
-    def iter_nodes(self) -> Iterable[TreeNode]:
-        """Every non-root node, parents before children."""
-        stack = list(self.root.children.values())
-        while stack:
-            node = stack.pop()
-            yield node
-            stack.extend(node.children.values())
 
     def check_invariants(
         self, private_pages: Iterable[int] = (), locked_nodes: Iterable[TreeNode] = ()
