@@ -31,6 +31,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.plotting import script_main, write_report
 from bench.router_bench import ROOT, STANDIN, cpu_model, free_port, wait_http
 
 WORDS = ("answer question system careful detail context history policy router worker cache prefix token model "
@@ -344,22 +345,11 @@ def run(args: argparse.Namespace) -> int:
               f"{str(per):>24} {r['errors']:>6} {r['elapsed_s']:>7.1f}")
     print("hit rate: sum of workers' cache_hit_tokens / cache_query_tokens (from /load). "
           "Target: cache_aware beats round_robin, matches or beats the peer, busiest/mean <= 1.25.")
-    Path(str(out) + ".json").write_text(json.dumps({"setup": setup, "settings": vars(args), "rows": rows},
-                                                   indent=2))
-    try:
-        plot(rows, Path(str(out) + ".png"), setup)
-        print(f"wrote {out}.json and {out}.png")
-    except ImportError:
-        print(f"wrote {out}.json (matplotlib missing: no plot)")
+    write_report(out, {"setup": setup, "settings": vars(args), "rows": rows},
+                 lambda png: plot(rows, png, setup))
     return 0
 
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(script_main(__doc__, add_arguments, run))

@@ -248,14 +248,15 @@ def sweep_configs():
     return decode, extend
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
     parser.add_argument("--decode-only", action="store_true", help="skip the extend table")
     parser.add_argument("--sweep", action="store_true", help="also time alternative launch configs")
     parser.add_argument("--json", help="write all figures to this file")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         sys.exit("kernel_bench needs a CUDA GPU (the Triton kernels are checked on CPU by tests/test_kernels_cpu.py)")
     gpu = torch.cuda.get_device_name()
@@ -276,7 +277,14 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"gpu": gpu, "copy_gbs": copy_gbs, "decode": decode_rows, "extend": extend_rows,
                        "eager_call_us": eager}, f, indent=1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -6,11 +6,12 @@ imported lazily (headless, Agg backend), so a benchmark still prints and writes 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 def format_value(value: Any) -> str:
@@ -68,6 +69,28 @@ def write_json(path: str | Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path
+
+
+def write_report(out_stem: str | Path, payload: Any, plot: Callable[[Path], None] | None = None) -> None:
+    """Write OUT_STEM.json and, when `plot` is given and matplotlib is installed, OUT_STEM.png."""
+    json_path = write_json(str(out_stem) + ".json", payload)
+    if plot is None:
+        print(f"wrote {json_path}")
+        return
+    png_path = Path(str(out_stem) + ".png")
+    try:
+        plot(png_path)
+    except ImportError:
+        print(f"wrote {json_path} (matplotlib missing: no plot)")
+        return
+    print(f"wrote {json_path} and {png_path}")
+
+
+def script_main(description: str, add_arguments: Callable, run: Callable, argv: list[str] | None = None) -> int:
+    """Entry point for running a benchmark module directly (`python -m bench.NAME`)."""
+    parser = argparse.ArgumentParser(description=description.strip().split("\n")[0])
+    add_arguments(parser)
+    return int(run(parser.parse_args(argv)) or 0)
 
 
 def bar_panels(

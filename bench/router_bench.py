@@ -30,6 +30,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.plotting import script_main, write_report
+
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "standin_worker.py"
 
@@ -385,21 +387,11 @@ def run(args: argparse.Namespace) -> int:
           "(its one-core capacity, robust to other load on the machine); vs peer compares that.\n"
           "targets: added p50 <= 1 ms and p99 <= 5 ms at 1,000 req/s; >= 3,000 req/s on one core. "
           "'direct' req/s is the load generator + stand-in ceiling; load = machine load average.")
-    Path(str(out) + ".json").write_text(json.dumps({"setup": setup, "settings": vars(args), "rows": rows}, indent=2))
-    try:
-        plot(rows, Path(str(out) + ".png"), setup)
-        print(f"wrote {out}.json and {out}.png")
-    except ImportError:
-        print(f"wrote {out}.json (matplotlib missing: no plot)")
+    write_report(out, {"setup": setup, "settings": vars(args), "rows": rows},
+                 lambda png: plot(rows, png, setup))
     return 0
 
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(script_main(__doc__, add_arguments, run))

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import random
 import time
 import tracemalloc
-from pathlib import Path
+
+from bench.plotting import script_main, write_json
 
 from router.tree import PrefixTree, chunk_hashes
 
@@ -226,20 +226,11 @@ def run(args: argparse.Namespace) -> int:
               f"{r['mean_match_chars']:>12.0f} {r['memory_bytes'] / 2**20:>10.1f} "
               f"{r['memory_bytes'] / len(prompts):>13.0f}")
     print("lookup us: one request against all worker trees (hashing included, done once per request).")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": vars(args), "mean_prompt_chars": text_bytes / len(prompts),
-                               "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, {"settings": vars(args), "mean_prompt_chars": text_bytes / len(prompts), "rows": rows})
+    print(f"wrote {args.out}")
     return 0
 
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(script_main(__doc__, add_arguments, run))

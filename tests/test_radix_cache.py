@@ -217,7 +217,7 @@ def test_unlock_below_zero_and_lock_of_an_evicted_node_are_errors():
 def test_locked_nodes_are_never_evicted():
     cache = make_cache(num_pages=6, page_size=1)
     a = cache.insert([1, 2, 3], cache.alloc(3))
-    b = cache.insert([7, 8], cache.alloc(2))
+    cache.insert([7, 8], cache.alloc(2))
     cache.lock(a.node)
     assert cache.num_locked_pages == 3 and cache.num_evictable_pages == 2
     assert cache.evict(100) == 2  # only b's pages
