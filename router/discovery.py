@@ -12,6 +12,8 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 
+from router.background import BackgroundLoop
+
 if TYPE_CHECKING:  # pragma: no cover
     from router.app import RouterState
 
@@ -36,7 +38,7 @@ async def resolve_with_loop(hostname: str, port: int) -> list[str]:
     return sorted({info[4][0] for info in infos})
 
 
-class DnsDiscovery:
+class DnsDiscovery(BackgroundLoop):
     def __init__(self, state: "RouterState", target: str, interval_s: float = 5.0, scheme: str = "http",
                  resolver: Resolver = resolve_with_loop) -> None:
         host, _, port = target.rpartition(":")
@@ -46,18 +48,6 @@ class DnsDiscovery:
         self.interval_s = interval_s
         self.scheme = scheme
         self.resolver = resolver
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
 
     async def _run(self) -> None:
         while True:

@@ -12,6 +12,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from router.background import BackgroundLoop
+
 if TYPE_CHECKING:  # pragma: no cover
     import aiohttp
 
@@ -88,7 +90,7 @@ class CircuitBreaker:
         return self._failures
 
 
-class HealthMonitor:
+class HealthMonitor(BackgroundLoop):
     """Polls every worker's /health and /load every `interval_s` seconds."""
 
     def __init__(self, pool: "WorkerPool", session: "aiohttp.ClientSession", interval_s: float = 1.0,
@@ -97,18 +99,6 @@ class HealthMonitor:
         self.session = session
         self.interval_s = interval_s
         self.timeout_s = timeout_s
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
 
     async def _run(self) -> None:
         # Polls are spread over the interval rather than fired together, so the router never spends a
