@@ -37,6 +37,8 @@ class EngineConfig:
     seed: int = 0
     cuda_graph_max_bs: int = 256
     enable_cuda_graphs: bool = True
+    # Overlap scheduling: prepare step N+1 on the host while the device runs step N (worker.engine.llm_engine).
+    overlap_schedule: bool = False
     progress: bool = True  # progress bars while loading
 
     def validate(self) -> "EngineConfig":

@@ -1,7 +1,18 @@
 """The engine: scheduler -> model runner -> executor -> sampler, one iteration per `step()`.
 
-Synchronous and single-threaded on purpose: the HTTP frontend runs it in its own process and feeds it
-through IPC (worker.server), the offline `LLM` API drives it in a loop. It speaks only token ids.
+Single-threaded on purpose: the HTTP frontend runs it in its own process and feeds it through IPC
+(worker.server), the offline `LLM` API drives it in a loop. It speaks only token ids.
+
+Overlap scheduling (`EngineConfig.overlap_schedule`): a step queues its forward and sampling on the
+device and does not wait for them. Its sampled tokens stay on the device; each sampling sequence gets a
+placeholder output token (worker.engine.scheduler.launch) and the next step's decode refers to it by its
+row in this step's token tensor (the executor swaps the reference for the token on the device). Only
+then does the step read back the *previous* step's tokens, fill their placeholders, check stops and emit
+outputs (scheduler.resolve). So the host schedules and prepares step N+1 while the device runs step N.
+Consequences handled in the scheduler: a sequence at a known limit (max_tokens, context length) is not
+scheduled again before its last token is known; an eos is seen one step late, so the sequence may run one
+extra decode whose token is dropped and whose slot is never cached. Rows with penalties need their real
+tokens on the host, so such steps resolve the previous step first (no overlap for that step).
 """
 
 from __future__ import annotations
@@ -15,13 +26,28 @@ from worker.cache.radix_cache import RadixCache
 from worker.config import ConfigError, EngineConfig
 from worker.engine.model_runner import build_forward_batch, sampling_states
 from worker.engine.protocol import EngineOutput, EngineRequest, EngineStats
-from worker.engine.sampler import Sampler
+from worker.engine.sampler import PendingSample, Sampler
 from worker.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from worker.engine.sequence import Sequence
 from worker.executor.base import Executor
 from worker.sampling_params import InvalidParameter
 
 log = logging.getLogger(__name__)
+
+
+class _LaunchedStep:
+    """A step whose forward and sampling are queued on the device, not yet read back.
+
+    `seqs[j]` is the sequence (None: aborted) of the j-th sampled token, `sample` the tokens on their way.
+    """
+
+    __slots__ = ("seqs", "sample", "needs_host_tokens")
+
+    def __init__(self, seqs: list[Sequence | None], sample: PendingSample | None):
+        self.seqs = seqs
+        self.sample = sample
+        # penalties read the output tokens on the host: the next step cannot start before these are known
+        self.needs_host_tokens = any(s is not None and s.params.uses_penalties for s in seqs)
 
 
 class QueueFullError(RuntimeError):
@@ -90,11 +116,14 @@ class LLMEngine:
         self._eos_set = frozenset(self.eos_token_ids)
         self._requests: dict[str, list[Sequence]] = {}  # request_id -> its choices
         self._pending_outputs: list[EngineOutput] = []  # produced outside step() (aborts)
+        # an executor that cannot read sampled tokens on the device runs synchronously
+        self.overlap = config.overlap_schedule and self.executor.supports_future_tokens
+        self._in_flight: _LaunchedStep | None = None  # overlap: the step launched by the last step() call
         self.num_finished = 0
         log.info(
-            "engine ready: model=%s executor=%s kv=%d tokens (%d pages of %d) max_model_len=%d",
+            "engine ready: model=%s executor=%s kv=%d tokens (%d pages of %d) max_model_len=%d overlap=%s",
             self.model_name, self.executor.name, num_pages * config.page_size, num_pages, config.page_size,
-            self.max_model_len,
+            self.max_model_len, self.overlap,
         )
 
     # ------------------------------------------------------------------ requests in
@@ -153,33 +182,63 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the loop
     def has_unfinished(self) -> bool:
-        return bool(self._requests) or bool(self._pending_outputs)
+        return bool(self._requests) or bool(self._pending_outputs) or self._in_flight is not None
 
     def step(self) -> list[EngineOutput]:
+        """Schedule and launch one step; return the outputs of the step whose tokens became known.
+
+        Without overlap that is this step. With overlap it is the previous one (see the module docstring):
+        the step launched here is resolved by the next call.
+        """
         outputs, self._pending_outputs = self._pending_outputs, []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and previous.needs_host_tokens:
+            outputs.extend(self._resolve(previous))
+            previous = None
         batch = self.scheduler.schedule()
-        sampled, logprobs = self._run(batch) if len(batch) else ({}, {})
-        advanced, finished = self.scheduler.update(batch, sampled, self._eos_set)
-        advanced_ids = {id(s) for s in advanced}
-        for seq in advanced:
-            lp = logprobs.get(id(seq))
-            outputs.append(self._output(seq, [seq.output_token_ids[-1]], [lp] if lp is not None else None))
-        for seq in finished:
-            if id(seq) not in advanced_ids:  # cut off in schedule() without a new token
-                outputs.append(self._output(seq, [], None))
+        future_tokens = previous.sample.token_ids if previous is not None and previous.sample is not None else None
+        launched = self._launch(batch, future_tokens) if len(batch) else None
+        if previous is not None:
+            outputs.extend(self._resolve(previous))
+        if launched is not None:
+            if self.overlap:
+                self._in_flight = launched
+            else:
+                outputs.extend(self._resolve(launched))
+        for seq in self.scheduler.take_cut_off():  # ended in schedule() without a new token
+            outputs.append(self._output(seq, [], None))
             self._forget_if_done(seq.request_id)
         return outputs
 
-    def _run(self, batch: ScheduledBatch) -> tuple[dict[int, int], dict[int, object]]:
-        """Forward + sample. Returns (batch row -> new token, id(seq) -> TokenLogprob)."""
+    def _launch(self, batch: ScheduledBatch, future_tokens) -> _LaunchedStep:
+        """Queue forward + sampling of `batch` on the device and mark the step launched in the scheduler.
+
+        `future_tokens`: the previous step's sampled-token tensor, which decodes of pending tokens read.
+        """
         forward_batch, rows = build_forward_batch(batch, self.cache.page_size)
-        logits = self.executor.forward(forward_batch)
-        if not rows:
-            return {}, {}
-        result = self.sampler(logits, sampling_states(batch, rows, self.eos_token_ids))
-        sampled = dict(zip(rows, result.token_ids))
-        logprobs = {id(batch.seqs[r]): lp for r, lp in zip(rows, result.logprobs) if lp is not None}
-        return sampled, logprobs
+        if future_tokens is not None and batch.num_decodes and bool(
+            (forward_batch.input_ids[: batch.num_decodes] < 0).any()
+        ):
+            logits = self.executor.forward(forward_batch, future_tokens=future_tokens)
+        else:
+            logits = self.executor.forward(forward_batch)
+        # states before launch(): the sampler must see the outputs without this step's placeholders
+        sample = self.sampler.sample_async(logits, sampling_states(batch, rows, self.eos_token_ids)) if rows else None
+        return _LaunchedStep(self.scheduler.launch(batch, rows), sample)
+
+    def _resolve(self, step: _LaunchedStep) -> list[EngineOutput]:
+        """Read back a launched step's tokens, apply them and its stop conditions; its outputs."""
+        if step.sample is None:
+            return []
+        result = step.sample.result()
+        advanced, finished = self.scheduler.resolve(step.seqs, result.token_ids, self._eos_set)
+        outputs = []
+        for j in advanced:
+            lp = result.logprobs[j]
+            outputs.append(self._output(step.seqs[j], [result.token_ids[j]], [lp] if lp is not None else None))
+        for seq in finished:
+            self._forget_if_done(seq.request_id)
+        return outputs
 
     def _output(self, seq: Sequence, new_tokens: list[int], logprobs) -> EngineOutput:
         first = self._requests.get(seq.request_id, [seq])[0]

@@ -32,6 +32,10 @@ def build_forward_batch(batch: ScheduledBatch, page_size: int) -> tuple[ForwardB
     Rows that sample are those whose chunk reaches their last token; their logits come back in that order.
     Per-step host work is on the engine's critical path (every decode step pays it), so single-token
     rows are handled with plain integer arithmetic and only prefill chunks use numpy ranges.
+
+    Overlap scheduling: a decode whose input token is still on the device (a placeholder) gets the input
+    id -(r + 1), r being that token's row in the previous step's sampled-token tensor; the executor
+    swaps it for the real token on the device (`Executor.forward(..., future_tokens=...)`).
     """
     input_ids: list[int] = []
     positions: list[np.ndarray] = []
@@ -46,7 +50,12 @@ def build_forward_batch(batch: ScheduledBatch, page_size: int) -> tuple[ForwardB
     for row, (seq, n_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
         start = seq.num_computed
         end = start + n_new
-        input_ids.extend(_token_slice(seq, start, end))
+        if seq.num_pending_tokens and end == seq.num_tokens:
+            if n_new != 1:  # the scheduler re-admits a sequence only once its tokens are all known
+                raise RuntimeError(f"sequence {seq.seq_id} would prefill a token not sampled yet")
+            input_ids.append(-(seq.future_row + 1))
+        else:
+            input_ids.extend(_token_slice(seq, start, end))
         if n_new == 1 and not positions:
             one_positions.append(start)
             one_slots.append(seq.pages[start // page_size] * page_size + start % page_size)

@@ -25,6 +25,7 @@ Stop conditions (eos, max_tokens, stop strings) are not decided here: the schedu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import chain
 
@@ -64,6 +65,70 @@ class SamplingState:
 class SampleResult:
     token_ids: list[int]  # one per row
     logprobs: list[TokenLogprob | None]  # one per row; None where the request did not ask for logprobs
+
+
+class PendingSample:
+    """A step's sampled tokens (and logprobs) on their way to the host.
+
+    Built by `Sampler.sample_async` right after the sampling kernels are queued: `token_ids` stays on the
+    device (the next step may read it there), and copies into pinned host memory are queued behind it with
+    an event. `result()` waits for that event only, so the host can prepare the next step in the meantime.
+    On the CPU everything is already done and `result()` just converts.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, logprob_parts: tuple | None, logprob_rows: list[int],
+                 top_counts: list[int], num_rows: int):
+        self.token_ids = token_ids  # [B] int64 on the sampler's device
+        self._num_rows = num_rows
+        self._logprob_rows = logprob_rows
+        self._top_counts = top_counts
+        parts = (token_ids,) + (logprob_parts or ())
+        if token_ids.device.type == "cuda":
+            self._host = tuple(_to_pinned_host(t) for t in parts)
+            self._ready: torch.cuda.Event | None = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = parts
+            self._ready = None
+        self._result: SampleResult | None = None
+
+    def result(self) -> SampleResult:
+        """Wait for the copies (not for later work on the device) and return the tokens as Python ints."""
+        if self._result is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            tokens, *logprob_parts = self._host
+            logprobs: list[TokenLogprob | None] = [None] * self._num_rows
+            if self._logprob_rows:
+                entries = _logprob_entries(*logprob_parts, self._top_counts)
+                for row, entry in zip(self._logprob_rows, entries):
+                    logprobs[row] = entry
+            self._result = SampleResult(token_ids=tokens.tolist(), logprobs=logprobs)
+        return self._result
+
+
+def _to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
+def _logprob_entries(
+    chosen: torch.Tensor, chosen_logprob: torch.Tensor, ranks: torch.Tensor,
+    top_values: torch.Tensor, top_ids: torch.Tensor, top_counts: list[int],
+) -> list[TokenLogprob]:
+    """Host tensors from `Sampler._logprob_tensors` -> one TokenLogprob per logprob row."""
+    chosen_list = chosen.tolist()
+    chosen_logprob_list = chosen_logprob.tolist()
+    ranks_list = ranks.tolist()
+    top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
+    entries = []
+    for j, k in enumerate(top_counts):
+        top = list(zip(top_ids_list[j][:k], top_values_list[j][:k])) if k > 0 else []
+        entries.append(
+            TokenLogprob(token_id=chosen_list[j], logprob=chosen_logprob_list[j], rank=ranks_list[j], top=top)
+        )
+    return entries
 
 
 def _splitmix64(value: int) -> int:
@@ -109,6 +174,15 @@ class Sampler:
 
     # ------------------------------------------------------------------ entry point
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SampleResult:
+        return self.sample_async(logits, states).result()
+
+    def sample_async(self, logits: torch.Tensor, states: list[SamplingState]) -> PendingSample:
+        """Queue the sampling of one token per row without waiting for the device.
+
+        Penalties read `output_token_ids` on the host, so rows using them need real tokens there (the
+        engine resolves pending tokens first); min_tokens and seeded draws only count the outputs.
+        Everything the result needs is computed now, so `logits` may be overwritten right after.
+        """
         raw = self._checked_logits(logits, states)
         work = self._penalised(raw, states)
         if all(s.is_greedy for s in states):
@@ -116,12 +190,10 @@ class Sampler:
         else:
             tokens = self._sample_mixed(work, states)
 
-        logprobs: list[TokenLogprob | None] = [None] * len(states)
         logprob_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        if logprob_rows:
-            for row, entry in zip(logprob_rows, self._logprobs(raw, tokens, logprob_rows, states)):
-                logprobs[row] = entry
-        return SampleResult(token_ids=tokens.tolist(), logprobs=logprobs)
+        top_counts = [states[i].params.logprobs for i in logprob_rows]
+        parts = self._logprob_tensors(raw, tokens, logprob_rows, top_counts) if logprob_rows else None
+        return PendingSample(tokens, parts, logprob_rows, top_counts, len(states))
 
     def process_logits(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """The logits after penalties and min_tokens masking, before temperature: float32 [B, vocab_size].
@@ -270,29 +342,17 @@ class Sampler:
         return noise.clamp_(min=torch.finfo(torch.float32).tiny)
 
     # ------------------------------------------------------------------ logprobs
-    def _logprobs(
-        self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[int], states: list[SamplingState]
-    ) -> list[TokenLogprob]:
+    def _logprob_tensors(
+        self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[int], top_counts: list[int]
+    ) -> tuple[torch.Tensor, ...]:
+        """Device tensors (chosen ids, their logprobs, ranks, top values, top ids) of the logprob rows."""
         index = self._index(rows)
         logprobs = torch.log_softmax(raw.index_select(0, index).float(), dim=-1)
         chosen = tokens.index_select(0, index)
         chosen_logprob = logprobs.gather(1, chosen.unsqueeze(1))
         ranks = (logprobs > chosen_logprob).sum(dim=-1) + 1  # ties share the better rank
-        top_counts = [states[i].params.logprobs for i in rows]
-        max_top = max(top_counts)
-        if max_top > 0:
-            top_values, top_ids = logprobs.topk(max_top, dim=-1)
-            top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
-        chosen_list = chosen.tolist()
-        chosen_logprob_list = chosen_logprob.squeeze(1).tolist()
-        ranks_list = ranks.tolist()
-        entries = []
-        for j, k in enumerate(top_counts):
-            top = list(zip(top_ids_list[j][:k], top_values_list[j][:k])) if k > 0 else []
-            entries.append(
-                TokenLogprob(token_id=chosen_list[j], logprob=chosen_logprob_list[j], rank=ranks_list[j], top=top)
-            )
-        return entries
+        top_values, top_ids = logprobs.topk(max(top_counts), dim=-1)  # k = 0 gives empty [R, 0] tensors
+        return chosen, chosen_logprob.squeeze(1), ranks, top_values, top_ids
 
 
 # ---------------------------------------------------------------------- filters (pure functions on logits)
@@ -322,11 +382,11 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     k = torch.tensor(top_k, dtype=torch.long, device=logits.device).unsqueeze(1)
-    if bool((k < vocab).any()):
+    if any(value < vocab for value in top_k):  # decided from the host lists: no device sync
         ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
         sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
     p = torch.tensor(top_p, dtype=torch.float32, device=logits.device).unsqueeze(1)
-    if bool(torch.isfinite(p).any()):
+    if any(math.isfinite(value) for value in top_p):
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_above = probs.cumsum(dim=-1) - probs
         outside = mass_above >= p

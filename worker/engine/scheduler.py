@@ -13,7 +13,10 @@ growth of the running batch (`new_token_ratio` of their remaining budget, a rati
 go well and jumps back up after a preemption, as SGLang does), so preemptions stay rare.
 
 `update()` applies the sampled tokens, decides which sequences finished, and hands finished sequences'
-KV to the radix cache.
+KV to the radix cache. It is `launch()` (the step is on its way: computed positions advance, each sampling
+row gets a placeholder output token) followed by `resolve()` (the sampled tokens fill the placeholders,
+stop conditions are checked). Overlap scheduling calls the two separately, one step apart, so the next
+step is scheduled while the device still runs this one; see worker.engine.llm_engine.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Callable
 
 from worker.cache.radix_cache import RadixCache
 from worker.engine.protocol import FinishReason
-from worker.engine.sequence import Sequence, SeqStatus
+from worker.engine.sequence import PLACEHOLDER_TOKEN, Sequence, SeqStatus
 
 # A running sequence's decode growth is counted up to this many tokens when reserving room for it.
 _RESERVE_CLIP_TOKENS = 4096
@@ -59,6 +62,10 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
+
+    def sampling_rows(self) -> list[int]:
+        """The rows that sample this step, in batch order (the order of the step's logits)."""
+        return [i for i in range(len(self.seqs)) if self.samples(i)]
 
     def samples(self, i: int) -> bool:
         """Whether seqs[i] reaches its last token this step, so a new token is sampled for it."""
@@ -99,6 +106,7 @@ class Scheduler:
                 aborted.append(seq)
                 aborted.extend(self._pop_held(seq, index))
         for seq in list(aborted):
+            seq.drop_pending_tokens()  # their step still runs; its tokens are discarded when it resolves
             self._release(seq)
             seq.status = SeqStatus.FINISHED
             seq.finish_reason = FinishReason.ABORT
@@ -124,6 +132,8 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING or not seq.is_decoding:
                 continue
+            if seq.num_pending_tokens and self._reached_length_limit(seq):
+                continue  # its last token is still on the device; resolving it will finish the sequence
             if not self._ensure_pages(seq, seq.num_computed + 1, batch):
                 continue  # seq itself was preempted or finished for lack of memory
             batch.seqs.append(seq)
@@ -153,6 +163,8 @@ class Scheduler:
                 break  # memory is short: admitting now would only preempt again
             if budget <= 0 or len(self.running) >= self.config.max_running_requests:
                 break
+            if seq.num_pending_tokens:
+                continue  # preempted with a token still on the device: it may be prefilled once that is known
             chunk = self._admit(seq, budget)
             if chunk == 0:
                 break  # head-of-line: keep the policy's order instead of letting smaller requests jump ahead
@@ -318,8 +330,14 @@ class Scheduler:
         seq.pages, seq.tree_node, seq.num_computed, seq.num_tree_tokens = [], None, 0, 0
 
     def _finish(self, seq: Sequence, reason: str, stop_token_id: int | None = None) -> None:
-        if seq in self.running:
+        if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)  # preempted while its last token was on the device
+        # An eos found one step late: the step after it ran on its token; forget that step's placeholder,
+        # and count as computed only what the synchronous engine would have (never a placeholder's slot).
+        seq.drop_pending_tokens()
+        seq.num_computed = min(seq.num_computed, seq.num_tokens - 1)
         self._release(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
@@ -334,13 +352,33 @@ class Scheduler:
         Returns (sequences that got a new token, sequences that finished this step, including any that
         had to be cut off for lack of memory during schedule()).
         """
-        advanced: list[Sequence] = []
-        finished, self._cut_off = self._cut_off, []
+        rows = sorted(sampled)
+        launched = self.launch(batch, rows)
+        finished = self.take_cut_off()
+        advanced_rows, resolved_finished = self.resolve(launched, [sampled[r] for r in rows], eos_token_ids)
+        return [launched[j] for j in advanced_rows], finished + resolved_finished
+
+    def take_cut_off(self) -> list[Sequence]:
+        """Sequences schedule() had to end (they outgrew the whole pool) since the last call."""
+        cut_off, self._cut_off = self._cut_off, []
+        return cut_off
+
+    def launch(self, batch: ScheduledBatch, sampling_rows: list[int]) -> list[Sequence]:
+        """The step is on its way to the device: advance computed positions, make prefill progress
+        shareable, and give each row of `sampling_rows` a placeholder output token.
+
+        Returns the sequence of each sampling row (None where it was aborted after schedule()), in the
+        order of `sampling_rows`, which is the order of the step's sampled tokens; pass it to `resolve()`.
+        """
+        sampling = set(sampling_rows)
+        launched: list[Sequence | None] = []
         for row, (seq, n_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.status is not SeqStatus.RUNNING:
-                continue  # aborted between schedule() and update()
+                if row in sampling:
+                    launched.append(None)  # aborted between schedule() and launch()
+                continue
             seq.num_computed += n_new
-            if row not in sampled:
+            if row not in sampling:
                 self._cache_computed_prefix(seq)  # chunked-prefill progress becomes shareable at once
                 continue
             if seq.held_choices and len(seq.output_token_ids) == 0:
@@ -350,18 +388,48 @@ class Scheduler:
                     held.arrival_order = seq.arrival_order
                     self.add(held)
                 seq.held_choices = []
-            token = sampled[row]
-            seq.output_token_ids.append(token)
-            advanced.append(seq)
-            reason, stop_id = self._stop_reason(seq, token, eos_token_ids)
+            seq.future_row = len(launched)
+            seq.output_token_ids.append(PLACEHOLDER_TOKEN)
+            seq.num_pending_tokens += 1
+            launched.append(seq)
+        return launched
+
+    def resolve(
+        self, launched: list[Sequence | None], tokens: list[int], eos_token_ids: frozenset[int] = frozenset()
+    ) -> tuple[list[int], list[Sequence]]:
+        """Fill the placeholders of a launched step with its sampled `tokens` (same order) and apply stops.
+
+        Returns (indices into `launched` of the sequences that got their token, sequences that finished).
+        Tokens of sequences that ended in the meantime (aborted, or stopped by an eos one step earlier) are
+        discarded.
+        """
+        advanced: list[int] = []
+        finished: list[Sequence] = []
+        for j, (seq, token) in enumerate(zip(launched, tokens)):
+            if seq is None or seq.status is SeqStatus.FINISHED or not seq.num_pending_tokens:
+                continue
+            n_out = len(seq.output_token_ids) - seq.num_pending_tokens + 1  # outputs once this one is real
+            seq.output_token_ids[n_out - 1] = token
+            seq.num_pending_tokens -= 1
+            advanced.append(j)
+            reason, stop_id = self._stop_reason(seq, token, eos_token_ids, n_out)
             if reason is not None:
                 self._finish(seq, reason, stop_id)
                 finished.append(seq)
         return advanced, finished
 
-    def _stop_reason(self, seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> tuple[str | None, int | None]:
+    def _reached_length_limit(self, seq: Sequence) -> bool:
+        """max_tokens or the context length reached, counting outputs still on the device."""
+        max_tokens = seq.params.max_tokens
+        return (max_tokens is not None and len(seq.output_token_ids) >= max_tokens) or (
+            seq.num_tokens >= self.config.max_model_len
+        )
+
+    def _stop_reason(
+        self, seq: Sequence, token: int, eos_token_ids: frozenset[int], n_out: int
+    ) -> tuple[str | None, int | None]:
+        """Why `seq` stops at its `n_out`-th output token `token` (None: it goes on)."""
         p = seq.params
-        n_out = len(seq.output_token_ids)
         if n_out >= p.min_tokens:
             if not p.ignore_eos and token in eos_token_ids:
                 return FinishReason.STOP, token
@@ -369,7 +437,7 @@ class Scheduler:
                 return FinishReason.STOP, token
         if p.max_tokens is not None and n_out >= p.max_tokens:
             return FinishReason.LENGTH, None
-        if seq.num_tokens >= self.config.max_model_len:
+        if len(seq.prompt_token_ids) + n_out >= self.config.max_model_len:
             return FinishReason.LENGTH, None
         return None, None
 

@@ -14,6 +14,11 @@ from worker.sampling_params import SamplingParams
 
 _arrival_counter = itertools.count()
 
+# Stands in an output slot for a token that was sampled on the device but not yet read back to the host
+# (overlap scheduling, see worker.engine.llm_engine). Never a real token id, never sent to the model: the
+# model runner replaces it by a reference into the previous step's sampled-token tensor.
+PLACEHOLDER_TOKEN = -1
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
@@ -46,6 +51,10 @@ class Sequence:
     finish_reason: str | None = None
     stop_token_id: int | None = None
     held_choices: list["Sequence"] = field(default_factory=list)  # choices 1..n-1 waiting on choice 0's prefill
+    # Overlap scheduling: how many trailing output slots are still PLACEHOLDER_TOKEN, and the row of the
+    # newest one in its step's sampled-token tensor (what the next decode's input refers to).
+    num_pending_tokens: int = 0
+    future_row: int = -1
 
     @property
     def seq_id(self) -> tuple[str, int]:
@@ -66,6 +75,12 @@ class Sequence:
     @property
     def is_decoding(self) -> bool:
         return self.status is SeqStatus.RUNNING and self.num_uncomputed == 1
+
+    def drop_pending_tokens(self) -> None:
+        """Forget unresolved placeholders (the sequence finished or was aborted before they resolved)."""
+        if self.num_pending_tokens:
+            del self.output_token_ids[-self.num_pending_tokens :]
+            self.num_pending_tokens = 0
 
     def remaining_output_budget(self, max_model_len: int) -> int:
         """Upper bound on the tokens this sequence may still generate."""

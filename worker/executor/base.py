@@ -14,6 +14,12 @@ import torch
 from worker.engine.forward_batch import ForwardBatch
 
 
+def resolve_future_tokens(input_ids: torch.Tensor, future_tokens: torch.Tensor) -> torch.Tensor:
+    """Input ids with every reference -(r + 1) replaced by `future_tokens[r]`, on the ids' device, no sync."""
+    references = (-input_ids - 1).clamp_(min=0)
+    return torch.where(input_ids < 0, future_tokens.to(input_ids.device).index_select(0, references), input_ids)
+
+
 class Executor(ABC):
     #: "cpu", "cuda" or "sim"
     name: str = "abstract"
@@ -31,9 +37,16 @@ class Executor(ABC):
         """Allocate the pool: `num_pages + 1` pages (page 0 is scratch) of `page_size` slots per layer."""
 
     @abstractmethod
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, future_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step: write the new tokens' K/V into their slots and return float32 logits
-        [len(batch.logits_indices), vocab_size] on `self.device`."""
+        [len(batch.logits_indices), vocab_size] on `self.device`.
+
+        `future_tokens` (overlap scheduling): the previous step's sampled tokens, still on the device.
+        An input id -(r + 1) stands for `future_tokens[r]`; resolve it with `resolve_future_tokens` on
+        the device, before the ids are used (and before they are copied into a CUDA graph's inputs).
+        """
+
+    supports_future_tokens: bool = False  # whether forward() takes `future_tokens`
 
     def shutdown(self) -> None:  # pragma: no cover - optional hook
         pass

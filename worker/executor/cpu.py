@@ -6,18 +6,20 @@ machine without a GPU. The KV budget is a token count, because host memory has n
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from worker.engine.forward_batch import ForwardBatch
-from worker.executor.base import Executor
+from worker.executor.base import Executor, resolve_future_tokens
 from worker.models.config import ModelConfig, parse_dtype
 from worker.models.loader import load_model
 
 
 class CPUExecutor(Executor):
     name = "cpu"
+    supports_future_tokens = True
 
     def __init__(
         self,
@@ -55,10 +57,12 @@ class CPUExecutor(Executor):
         ]
         self.page_size = page_size
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, future_tokens: torch.Tensor | None = None) -> torch.Tensor:
         if not self.kv_caches:
             raise RuntimeError("CPUExecutor.forward called before init_kv_cache")
         if batch.page_size != self.page_size:
             raise ValueError(f"batch page_size {batch.page_size} != KV cache page_size {self.page_size}")
+        if future_tokens is not None:
+            batch = dataclasses.replace(batch, input_ids=resolve_future_tokens(batch.input_ids, future_tokens))
         with torch.inference_mode():
             return self.model(batch, self.kv_caches)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from kernels.attention_metadata import AttentionMetadata
 from worker.config import ConfigError, EngineConfig
 from worker.engine.forward_batch import ForwardBatch
-from worker.executor.base import Executor
+from worker.executor.base import Executor, resolve_future_tokens
 from worker.executor.cuda_graphs import DecodeGraphRunner
 from worker.models.config import ModelConfig, parse_dtype
 from worker.models.loader import load_model
@@ -159,6 +159,7 @@ class CUDAExecutor(Executor):
     """See the module docstring. `device` and `ops` are for tests (another GPU, or torch_ref ops)."""
 
     name = "cuda"
+    supports_future_tokens = True
 
     def __init__(
         self,
@@ -372,18 +373,20 @@ class CUDAExecutor(Executor):
         with torch.inference_mode():
             return self.model(batch, self.kv_caches, meta)
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, future_tokens: torch.Tensor | None = None) -> torch.Tensor:
         if not self.kv_caches:
             raise RuntimeError("CUDAExecutor.forward called before init_kv_cache")
         if batch.page_size != self.page_size:
             raise ValueError(f"batch page_size {batch.page_size} != KV cache page_size {self.page_size}")
         if self.graphs is not None and self.graphs.can_run(batch):
-            return self.graphs.run(batch)
-        return self.forward_eager(batch)
+            return self.graphs.run(batch, future_tokens)
+        return self.forward_eager(batch, future_tokens)
 
-    def forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
+    def forward_eager(self, batch: ForwardBatch, future_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run the step without CUDA graphs (mixed and prefill steps, and large decode batches)."""
         on_device, meta = self._staging.upload(batch)
+        if future_tokens is not None:
+            on_device.input_ids.copy_(resolve_future_tokens(on_device.input_ids, future_tokens))
         return self._forward_on_device(on_device, meta)
 
     def shutdown(self) -> None:

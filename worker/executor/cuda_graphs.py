@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from kernels.attention_metadata import AttentionMetadata
 from worker.engine.forward_batch import ForwardBatch
+from worker.executor.base import resolve_future_tokens
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +170,12 @@ class DecodeGraphRunner:
         """The captured batch size a `bs`-row step replays."""
         return self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
 
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
+    def run(self, batch: ForwardBatch, future_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Copy the step's inputs into the static buffers and replay; returns logits [bs, vocab].
 
-        The result is a view of the graph's output buffer: the next replay overwrites it.
+        `future_tokens`: see Executor.forward; references in the token ids are resolved on the device,
+        in the static buffer, before the replay. The result is a view of the graph's output buffer: the
+        next replay overwrites it.
         """
         bs = batch.batch_size
         graph_bs = self.padded_size(bs)
@@ -200,5 +203,8 @@ class DecodeGraphRunner:
         # Columns past `width` keep stale page ids: the kernel reads only the pages below seq_len.
         self._page_tables[:bs, :width].copy_(staged.view(bs, width))
         self._copied.record()
+        if future_tokens is not None:
+            ids = self._tokens[0, :bs]
+            ids.copy_(resolve_future_tokens(ids, future_tokens))
         self._graphs[graph_bs].replay()
         return self._logits[:bs]

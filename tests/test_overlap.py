@@ -1,0 +1,281 @@
+"""Overlap scheduling (EngineConfig.overlap_schedule) must not change a single token.
+
+With overlap the engine launches step N+1 before it reads back step N's tokens: decodes refer to tokens
+still on the device, eos is seen one step late, and finished / preempted / aborted sequences may have a
+step in flight. On the CPU the same code path runs synchronously underneath, so every scenario here is
+compared token for token with overlap off and (greedy) with transformers, with the scheduler's page
+invariants checked after every step and no KV left in use at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from worker.config import EngineConfig
+from worker.engine.llm_engine import LLMEngine
+from worker.engine.protocol import EngineRequest
+from worker.executor.base import resolve_future_tokens
+from worker.models.checkpoint_writer import write_checkpoint
+from worker.sampling_params import SamplingParams
+
+from test_engine_vs_hf import hf_greedy, random_prompts
+
+transformers = pytest.importorskip("transformers")
+
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama3") / "ckpt"
+    write_checkpoint("tiny-llama3", folder, seed=1, progress=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    hf.eval()
+    return folder, hf
+
+
+@pytest.fixture(scope="module")
+def vocab(checkpoint) -> int:
+    return checkpoint[1].config.vocab_size
+
+
+def make_engine(folder, overlap: bool, **overrides) -> LLMEngine:
+    options = dict(model=str(folder), device="cpu", page_size=4, kv_cache_tokens=8192, progress=False,
+                   overlap_schedule=overlap)
+    options.update(overrides)
+    engine = LLMEngine(EngineConfig(**options))
+    assert engine.overlap is overlap
+    return engine
+
+
+@dataclass
+class Run:
+    """What one engine run produced, per (request id, choice index)."""
+
+    tokens: dict = field(default_factory=dict)
+    finish: dict = field(default_factory=dict)
+    stop_ids: dict = field(default_factory=dict)
+    logprobs: dict = field(default_factory=dict)
+    cached: dict = field(default_factory=dict)
+    forwards: int = 0
+    forwards_with_future_tokens: int = 0
+
+
+def run(engine: LLMEngine, requests: list[tuple[str, list[int], SamplingParams]], abort=None) -> Run:
+    """Submit everything, step to completion, check invariants after each step. `abort`: (step, id)."""
+    result = Run()
+    forward = engine.executor.forward
+
+    def counting_forward(batch, future_tokens=None):
+        result.forwards += 1
+        if future_tokens is not None:
+            result.forwards_with_future_tokens += 1
+            return forward(batch, future_tokens=future_tokens)
+        return forward(batch)
+
+    engine.executor.forward = counting_forward
+    for rid, prompt, params in requests:
+        engine.add_request(EngineRequest(rid, prompt, params))
+    steps = 0
+    while engine.has_unfinished():
+        if abort is not None and steps == abort[0]:
+            engine.abort_request(abort[1])
+        for out in engine.step():
+            key = (out.request_id, out.index)
+            result.tokens.setdefault(key, []).extend(out.new_token_ids)
+            if out.logprobs:
+                result.logprobs.setdefault(key, []).extend(out.logprobs)
+            if out.finish_reason is not None:
+                assert key not in result.finish, f"{key} finished twice"
+                result.finish[key] = out.finish_reason
+                result.stop_ids[key] = out.stop_token_id
+            result.cached[key] = out.num_cached_tokens
+        engine.check_invariants()
+        steps += 1
+        assert steps < 5000
+    assert engine.stats().kv_tokens_used == 0
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    return result
+
+
+def greedy(max_tokens=MAX_NEW, **extra) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **extra)
+
+
+def both(folder, requests, abort=None, **overrides) -> tuple[Run, Run]:
+    """The same workload with overlap off and on."""
+    return (run(make_engine(folder, False, **overrides), requests, abort),
+            run(make_engine(folder, True, **overrides), requests, abort))
+
+
+def assert_same_run(sync: Run, overlap: Run) -> None:
+    assert overlap.tokens == sync.tokens
+    assert overlap.finish == sync.finish
+    assert overlap.stop_ids == sync.stop_ids
+
+
+# ---------------------------------------------------------------------- greedy, against transformers
+def test_single_request_matches_transformers_and_overlaps(checkpoint, vocab):
+    folder, hf = checkpoint
+    prompt = random_prompts(vocab, 1, seed=0, min_len=20, max_len=20)[0]
+    sync, overlap = both(folder, [("r0", prompt, greedy())])
+    assert overlap.tokens[("r0", 0)] == hf_greedy(hf, prompt, MAX_NEW)
+    assert_same_run(sync, overlap)
+    # every decode but the first read its input token on the device, and no step was added
+    assert overlap.forwards_with_future_tokens == MAX_NEW - 1
+    assert sync.forwards_with_future_tokens == 0
+    assert overlap.forwards == sync.forwards == MAX_NEW
+
+
+@pytest.fixture(scope="module")
+def mixed(checkpoint, vocab):
+    prompts = random_prompts(vocab, 16, seed=1)
+    expected = {(f"r{i}", 0): hf_greedy(checkpoint[1], p, MAX_NEW) for i, p in enumerate(prompts)}
+    return [(f"r{i}", p, greedy()) for i, p in enumerate(prompts)], expected
+
+
+def test_sixteen_concurrent_requests(checkpoint, mixed):
+    requests, expected = mixed
+    sync, overlap = both(checkpoint[0], requests)
+    assert overlap.tokens == expected
+    assert_same_run(sync, overlap)
+
+
+def test_small_prefill_chunks(checkpoint, mixed):
+    requests, expected = mixed
+    sync, overlap = both(checkpoint[0], requests, max_num_batched_tokens=16, page_size=1)
+    assert overlap.tokens == expected
+    assert_same_run(sync, overlap)
+
+
+def test_forced_preemption_of_sequences_with_tokens_in_flight(checkpoint, mixed):
+    requests, expected = mixed
+    options = dict(kv_cache_tokens=160, page_size=4, new_token_ratio_init=0.0, new_token_ratio_min=0.0)
+    engine = make_engine(checkpoint[0], True, **options)
+    overlap = run(engine, requests)
+    assert engine.stats().num_preemptions > 0
+    assert overlap.tokens == expected
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_cached_prefix(checkpoint, vocab, page_size):
+    folder, hf = checkpoint
+    shared = random_prompts(vocab, 1, seed=5, min_len=40, max_len=40)[0]
+    prompts = random_prompts(vocab, 4, seed=6, max_len=12, shared=shared)
+    engine = make_engine(folder, True, page_size=page_size)
+    run(engine, [("warm", shared + [7], greedy(2))])
+    got = run(engine, [(f"r{i}", p, greedy()) for i, p in enumerate(prompts)])
+    assert all(got.cached[(f"r{i}", 0)] >= (40 // page_size) * page_size for i in range(4))
+    assert got.tokens == {(f"r{i}", 0): hf_greedy(hf, p, MAX_NEW) for i, p in enumerate(prompts)}
+
+
+def test_n_choices(checkpoint, vocab):
+    folder, hf = checkpoint
+    prompt = random_prompts(vocab, 1, seed=7, min_len=30, max_len=30)[0]
+    sync, overlap = both(folder, [("r0", prompt, greedy(n=2))])
+    expected = hf_greedy(hf, prompt, MAX_NEW)
+    assert overlap.tokens == {("r0", 0): expected, ("r0", 1): expected}
+    assert_same_run(sync, overlap)
+
+
+# ---------------------------------------------------------------------- stops
+def test_stop_token_found_one_step_late_is_cut_exactly(checkpoint, vocab):
+    """The stop token is known only after the next decode was launched: that step's token is dropped,
+    and what the finished sequence leaves in the radix cache serves a later request correctly."""
+    folder, hf = checkpoint
+    prompt = random_prompts(vocab, 1, seed=8, min_len=13, max_len=13)[0]
+    free_run = hf_greedy(hf, prompt, 12)
+    stop = free_run[4]
+    cut = free_run.index(stop) + 1
+    params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop])
+    sync, overlap = both(folder, [("r0", prompt, params)], page_size=1)
+    assert overlap.tokens[("r0", 0)] == free_run[:cut]
+    assert overlap.finish[("r0", 0)] == "stop" and overlap.stop_ids[("r0", 0)] == stop
+    assert_same_run(sync, overlap)
+    assert overlap.forwards == sync.forwards + 1  # the one extra decode, whose token was discarded
+
+    engine = make_engine(folder, True, page_size=1)
+    run(engine, [("r0", prompt, params)])
+    follow_up = prompt + free_run[:cut] + [11, 12]
+    again = run(engine, [("r1", follow_up, greedy())])
+    assert again.cached[("r1", 0)] >= len(prompt) + cut - 1  # reused the stopped sequence's KV
+    assert again.tokens[("r1", 0)] == hf_greedy(hf, follow_up, MAX_NEW)
+
+
+def test_min_tokens_hold_back_the_stop_token(checkpoint, vocab):
+    folder, hf = checkpoint
+    prompt = random_prompts(vocab, 1, seed=8, min_len=13, max_len=13)[0]
+    stop = hf_greedy(hf, prompt, 12)[1]
+    params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop], min_tokens=5)
+    sync, overlap = both(folder, [("r0", prompt, params), ("r1", prompt[:7], params)])
+    assert len(overlap.tokens[("r0", 0)]) >= 5
+    assert_same_run(sync, overlap)
+
+
+def test_max_tokens_schedules_no_extra_step(checkpoint, vocab):
+    folder, _ = checkpoint
+    prompts = random_prompts(vocab, 3, seed=9)
+    requests = [(f"r{i}", p, greedy(max_tokens=m)) for i, (p, m) in enumerate(zip(prompts, (1, 2, 7)))]
+    sync, overlap = both(folder, requests)
+    assert_same_run(sync, overlap)
+    assert [len(overlap.tokens[(f"r{i}", 0)]) for i in range(3)] == [1, 2, 7]
+    assert set(overlap.finish.values()) == {"length"}
+    assert overlap.forwards == sync.forwards
+
+
+def test_context_length_limit(checkpoint, vocab):
+    folder, _ = checkpoint
+    prompt = random_prompts(vocab, 1, seed=10, min_len=20, max_len=20)[0]
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=None)  # the context ends it
+    sync, overlap = both(folder, [("r0", prompt, params)], max_model_len=28)
+    assert len(overlap.tokens[("r0", 0)]) == 8 and overlap.finish[("r0", 0)] == "length"
+    assert_same_run(sync, overlap)
+
+
+def test_abort_with_a_step_in_flight(checkpoint, mixed):
+    requests, expected = mixed
+    requests = requests[:4]
+    sync, overlap = both(checkpoint[0], requests, abort=(3, "r1"))
+    assert overlap.finish[("r1", 0)] == "abort"
+    assert overlap.tokens[("r1", 0)] == expected[("r1", 0)][: len(overlap.tokens[("r1", 0)])]
+    for key in [("r0", 0), ("r2", 0), ("r3", 0)]:
+        assert overlap.tokens[key] == expected[key]
+    assert sync.finish[("r1", 0)] == "abort"
+
+
+# ---------------------------------------------------------------------- sampling
+def test_seeded_sampling_and_logprobs_do_not_depend_on_overlap(checkpoint, vocab):
+    folder, _ = checkpoint
+    prompts = random_prompts(vocab, 3, seed=11)
+    requests = [
+        ("seeded", prompts[0], SamplingParams(temperature=1.0, seed=123, n=2, max_tokens=MAX_NEW, ignore_eos=True)),
+        ("topk", prompts[1], SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7, max_tokens=MAX_NEW,
+                                            ignore_eos=True, logprobs=3)),
+        ("greedy", prompts[2], greedy(logprobs=2)),
+    ]
+    sync, overlap = both(folder, requests)
+    assert_same_run(sync, overlap)
+    assert overlap.logprobs == sync.logprobs
+    assert len(overlap.logprobs[("topk", 0)]) == MAX_NEW
+
+
+def test_penalties_resolve_before_the_next_step(checkpoint, vocab):
+    """Penalties read the real output tokens on the host: those steps wait, and tokens are unchanged."""
+    folder, _ = checkpoint
+    prompts = random_prompts(vocab, 2, seed=12)
+    requests = [
+        ("pen", prompts[0], SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True,
+                                           presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3)),
+        ("plain", prompts[1], greedy()),
+    ]
+    sync, overlap = both(folder, requests)
+    assert_same_run(sync, overlap)
+
+
+def test_resolve_future_tokens():
+    future = torch.tensor([50, 60, 70])
+    ids = torch.tensor([5, -3, -1, 0, 9])
+    assert resolve_future_tokens(ids, future).tolist() == [5, 70, 50, 0, 9]
