@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--cuda-graph-max-bs", type=int, default=256)
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly")
+    parser.add_argument("--overlap", default="off", choices=["off", "on", "both"],
+                        help="overlap scheduling (EngineConfig.overlap_schedule); 'both' runs the offline and "
+                             "decode figures with it off and on, interleaved on one engine")
     parser.add_argument("--workloads", default="offline,mixed,decode,prefill,ttft,breakdown",
                         help="comma-separated subset of offline,mixed,decode,prefill,ttft,breakdown")
     parser.add_argument("--num-requests", type=int, default=256, help="offline (nano-vllm) workload size")
@@ -192,7 +195,7 @@ class StepProfiler:
     """Wraps the engine's phases with timers (synchronising after the forward), for one run."""
 
     PHASES = ("schedule", "build_forward_batch", "forward: H2D + launch (CPU)", "forward: wait for GPU",
-              "sample + D2H", "update")
+              "sample + D2H", "update (launch + resolve)")
 
     def __init__(self, engine):
         import torch
@@ -227,8 +230,9 @@ class StepProfiler:
         self._wrap(e.scheduler, "schedule", "schedule")
         self._wrap(self.module, "build_forward_batch", "build_forward_batch")
         self._wrap(e.executor, "forward", "forward: H2D + launch (CPU)", sync="forward: wait for GPU")
-        self._wrap(e, "sampler", "sample + D2H")
-        self._wrap(e.scheduler, "update", "update")
+        self._wrap(e.sampler, "sample_async", "sample + D2H")
+        self._wrap(e.scheduler, "launch", "update (launch + resolve)")
+        self._wrap(e.scheduler, "resolve", "update (launch + resolve)")
         return self
 
     def __exit__(self, *exc):
@@ -376,7 +380,13 @@ def run(args: argparse.Namespace) -> int:
         model=str(folder), device="cuda", dtype=args.dtype, page_size=args.page_size, mem_fraction=args.mem_fraction,
         max_num_batched_tokens=args.max_num_batched_tokens, max_running_requests=args.max_running_requests,
         cuda_graph_max_bs=args.cuda_graph_max_bs, enable_cuda_graphs=not args.no_cuda_graphs, seed=args.seed,
+        overlap_schedule=args.overlap == "on",
     )
+    # the offline and decode figures run once per mode; the others with the engine's own setting
+    overlap_modes = {"off": [False], "on": [True], "both": [False, True]}[args.overlap]
+
+    def overlap_label(flag: bool) -> str:
+        return (", overlap " + ("on" if flag else "off")) if len(overlap_modes) > 1 else ""
     t0 = time.perf_counter()
     engine = LLMEngine(engine_config)
     startup_s = time.perf_counter() - t0
@@ -393,6 +403,7 @@ def run(args: argparse.Namespace) -> int:
         "mem_fraction": args.mem_fraction,
         "kv_cache_tokens": engine.cache.pool.num_pages * args.page_size,
         "engine_startup_s": round(startup_s, 1),
+        "overlap_schedule": args.overlap,
     }
     header = (f"{ceilings.gpu} | {model_name} {dtype_name} | page {args.page_size}, graphs "
               f"{'<=' + str(args.cuda_graph_max_bs) if not args.no_cuda_graphs else 'off'}, "
@@ -420,19 +431,23 @@ def run(args: argparse.Namespace) -> int:
 
     if "offline" in workloads:
         work = nano_vllm_workload(args.num_requests, args.min_len, args.max_len, vocab, args.seed)
-        result = run_requests(engine, [(p, greedy(o)) for p, o in work])
-        roof = workload_floor(cost, ceilings, [(len(p), o) for p, o in work], args.max_running_requests)
-        tok_s = result.output_tokens / roof.seconds
-        add("offline throughput", f"nano-vllm: {len(work)} req, in/out U[{args.min_len},{args.max_len}], ignore_eos",
-            result.output_tok_s, "output tok/s", tok_s, seconds=result.seconds, output_tokens=result.output_tokens,
-            input_tokens=result.input_tokens, steps=result.steps, roofline_bound=roof.bound,
-            label=f"nano-vllm {len(work)} req")
         subset = work[: args.hf_requests]
-        sub = run_requests(engine, [(p, greedy(o)) for p, o in subset])
+        roof = workload_floor(cost, ceilings, [(len(p), o) for p, o in work], args.max_running_requests)
         sub_roof = workload_floor(cost, ceilings, [(len(p), o) for p, o in subset], args.max_running_requests)
-        add("offline throughput", f"nano-vllm subset: first {len(subset)} req", sub.output_tok_s, "output tok/s",
-            sub.output_tokens / sub_roof.seconds, seconds=sub.seconds, output_tokens=sub.output_tokens,
-            label=f"nano-vllm first {len(subset)}")
+        for flag in overlap_modes:
+            engine.overlap = flag
+            result = run_requests(engine, [(p, greedy(o)) for p, o in work])
+            tok_s = result.output_tokens / roof.seconds
+            add("offline throughput",
+                f"nano-vllm: {len(work)} req, in/out U[{args.min_len},{args.max_len}], ignore_eos{overlap_label(flag)}",
+                result.output_tok_s, "output tok/s", tok_s, seconds=result.seconds, output_tokens=result.output_tokens,
+                input_tokens=result.input_tokens, steps=result.steps, roofline_bound=roof.bound,
+                label=f"nano-vllm {len(work)} req{overlap_label(flag)}", overlap=flag)
+            sub = run_requests(engine, [(p, greedy(o)) for p, o in subset])
+            add("offline throughput", f"nano-vllm subset: first {len(subset)} req{overlap_label(flag)}", sub.output_tok_s,
+                "output tok/s", sub.output_tokens / sub_roof.seconds, seconds=sub.seconds, output_tokens=sub.output_tokens,
+                label=f"nano-vllm first {len(subset)}{overlap_label(flag)}", overlap=flag)
+        engine.overlap = engine.config.overlap_schedule
         hf_jobs["offline"] = subset
 
     if "mixed" in workloads:
@@ -452,11 +467,15 @@ def run(args: argparse.Namespace) -> int:
         for batch in args.decode_batches:
             if batch > args.max_running_requests:
                 continue
-            itl, samples = decode_itl(engine, batch, args.decode_context, args.decode_steps, vocab, args.seed + batch)
-            roof = decode_step_floor(cost, ceilings, batch, args.decode_context + args.decode_steps // 2)
-            add("decode ITL", f"batch {batch}, context ~{args.decode_context}", itl * 1e3, "ms/token",
-                roof.seconds * 1e3, better="lower", samples=samples, label=f"batch {batch}",
-                graph_bs=(executor.graphs.padded_size(batch) if getattr(executor, "graphs", None) and batch <= executor.graphs.batch_sizes[-1] else None))
+            for flag in overlap_modes:
+                engine.overlap = flag
+                itl, samples = decode_itl(engine, batch, args.decode_context, args.decode_steps, vocab, args.seed + batch)
+                roof = decode_step_floor(cost, ceilings, batch, args.decode_context + args.decode_steps // 2)
+                add("decode ITL", f"batch {batch}, context ~{args.decode_context}{overlap_label(flag)}", itl * 1e3,
+                    "ms/token", roof.seconds * 1e3, better="lower", samples=samples,
+                    label=f"batch {batch}{overlap_label(flag)}", overlap=flag,
+                    graph_bs=(executor.graphs.padded_size(batch) if getattr(executor, "graphs", None) and batch <= executor.graphs.batch_sizes[-1] else None))
+        engine.overlap = engine.config.overlap_schedule
         hf_jobs["decode"] = [b for b in args.hf_decode_batches if b in args.decode_batches]
 
     if "prefill" in workloads:
@@ -544,7 +563,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _attach_hf(rows: list[dict], figure: str, setting: str, value: float, note: str) -> None:
     for r in rows:
-        if r["figure"] == figure and r["setting"] == setting:
+        # with --overlap both the engine's settings carry an ", overlap on/off" suffix
+        if r["figure"] == figure and r["setting"].split(", overlap ")[0] == setting:
             r["transformers"] = value
             higher = r["unit"] != "ms/token" and r["unit"] != "ms"
             r["speedup_vs_transformers"] = (r["value"] / value) if higher else (value / r["value"])

@@ -279,3 +279,33 @@ def test_resolve_future_tokens():
     future = torch.tensor([50, 60, 70])
     ids = torch.tensor([5, -3, -1, 0, 9])
     assert resolve_future_tokens(ids, future).tolist() == [5, 70, 50, 0, 9]
+
+
+# ---------------------------------------------------------------------- the CUDA executor (run with -m gpu)
+@pytest.mark.gpu
+def test_cuda_engine_overlap_gives_the_same_tokens(tmp_path_factory):
+    """On the GPU (pinned copies, events, CUDA graphs reading pending tokens on the device) overlap changes
+    no token: one engine, prefix cache off so both runs compute the same shapes, overlap off then on."""
+    from test_cuda_executor import checkpoint_folder, random_prompts as gpu_prompts
+
+    folder = checkpoint_folder("qwen3-0.6b", tmp_path_factory)
+    engine = LLMEngine(EngineConfig(model=str(folder), device="cuda", progress=False, mem_fraction=0.4,
+                                    cuda_graph_max_bs=16, page_size=16, enable_prefix_cache=False,
+                                    overlap_schedule=True))
+    assert engine.executor.uses_cuda_graphs and engine.overlap
+    vocab = engine.model_config.vocab_size
+    prompts = gpu_prompts(vocab, [5, 64, 317, 1000, 12, 40, 90, 3, 150, 22, 7, 600], seed=3)
+    requests = [(f"g{i}", p, greedy(24)) for i, p in enumerate(prompts)]
+    requests += [
+        ("seeded", prompts[1], SamplingParams(temperature=0.9, top_p=0.9, seed=5, n=2, max_tokens=24, ignore_eos=True,
+                                              logprobs=2)),
+        ("penalty", prompts[2], SamplingParams(temperature=0.0, max_tokens=24, presence_penalty=1.0, ignore_eos=True)),
+    ]
+    engine.overlap = False
+    sync = run(engine, requests)
+    engine.overlap = True
+    overlap = run(engine, requests)
+    engine.shutdown()
+    assert overlap.forwards_with_future_tokens > 0
+    assert_same_run(sync, overlap)
+    assert all(len(tokens) == 24 for tokens in overlap.tokens.values())
