@@ -56,9 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--cuda-graph-max-bs", type=int, default=256)
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly")
-    parser.add_argument("--overlap", default="off", choices=["off", "on", "both"],
-                        help="overlap scheduling (EngineConfig.overlap_schedule); 'both' runs the offline and "
-                             "decode figures with it off and on, interleaved on one engine")
+    parser.add_argument("--overlap", default="auto", choices=["auto", "off", "on", "both"],
+                        help="overlap scheduling (EngineConfig.overlap_schedule; auto: the engine's default); "
+                             "'both' runs the offline and decode figures with it off and on on one engine")
     parser.add_argument("--workloads", default="offline,mixed,decode,prefill,ttft,breakdown",
                         help="comma-separated subset of offline,mixed,decode,prefill,ttft,breakdown")
     parser.add_argument("--num-requests", type=int, default=256, help="offline (nano-vllm) workload size")
@@ -380,16 +380,18 @@ def run(args: argparse.Namespace) -> int:
         model=str(folder), device="cuda", dtype=args.dtype, page_size=args.page_size, mem_fraction=args.mem_fraction,
         max_num_batched_tokens=args.max_num_batched_tokens, max_running_requests=args.max_running_requests,
         cuda_graph_max_bs=args.cuda_graph_max_bs, enable_cuda_graphs=not args.no_cuda_graphs, seed=args.seed,
-        overlap_schedule=args.overlap == "on",
+        overlap_schedule="off" if args.overlap == "both" else args.overlap,
     )
-    # the offline and decode figures run once per mode; the others with the engine's own setting
-    overlap_modes = {"off": [False], "on": [True], "both": [False, True]}[args.overlap]
-
-    def overlap_label(flag: bool) -> str:
-        return (", overlap " + ("on" if flag else "off")) if len(overlap_modes) > 1 else ""
     t0 = time.perf_counter()
     engine = LLMEngine(engine_config)
     startup_s = time.perf_counter() - t0
+    # the offline and decode figures run once per mode; the others with the engine's own setting
+    engine_overlap = engine.overlap
+    overlap_modes = [False, True] if args.overlap == "both" else [engine_overlap]
+
+    def overlap_label(flag: bool) -> str:
+        return (", overlap " + ("on" if flag else "off")) if len(overlap_modes) > 1 else ""
+
     executor = engine.executor
     settings = {
         "gpu": ceilings.gpu,
@@ -403,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
         "mem_fraction": args.mem_fraction,
         "kv_cache_tokens": engine.cache.pool.num_pages * args.page_size,
         "engine_startup_s": round(startup_s, 1),
-        "overlap_schedule": args.overlap,
+        "overlap_schedule": args.overlap if args.overlap == "both" else ("on" if engine_overlap else "off"),
     }
     header = (f"{ceilings.gpu} | {model_name} {dtype_name} | page {args.page_size}, graphs "
               f"{'<=' + str(args.cuda_graph_max_bs) if not args.no_cuda_graphs else 'off'}, "
@@ -447,7 +449,7 @@ def run(args: argparse.Namespace) -> int:
             add("offline throughput", f"nano-vllm subset: first {len(subset)} req{overlap_label(flag)}", sub.output_tok_s,
                 "output tok/s", sub.output_tokens / sub_roof.seconds, seconds=sub.seconds, output_tokens=sub.output_tokens,
                 label=f"nano-vllm first {len(subset)}{overlap_label(flag)}", overlap=flag)
-        engine.overlap = engine.config.overlap_schedule
+        engine.overlap = engine_overlap
         hf_jobs["offline"] = subset
 
     if "mixed" in workloads:
@@ -475,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
                     "ms/token", roof.seconds * 1e3, better="lower", samples=samples,
                     label=f"batch {batch}{overlap_label(flag)}", overlap=flag,
                     graph_bs=(executor.graphs.padded_size(batch) if getattr(executor, "graphs", None) and batch <= executor.graphs.batch_sizes[-1] else None))
-        engine.overlap = engine.config.overlap_schedule
+        engine.overlap = engine_overlap
         hf_jobs["decode"] = [b for b in args.hf_decode_batches if b in args.decode_batches]
 
     if "prefill" in workloads:

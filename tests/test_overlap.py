@@ -275,6 +275,25 @@ def test_penalties_resolve_before_the_next_step(checkpoint, vocab):
     assert_same_run(sync, overlap)
 
 
+def test_overlap_setting(checkpoint):
+    """auto: off on the CPU (nothing runs concurrently there); on/off and booleans force it; typos are named."""
+    import argparse
+
+    from worker.config import ConfigError
+    from worker.server.cli import add_engine_arguments, engine_config_from_args
+
+    folder = checkpoint[0]
+    assert not LLMEngine(EngineConfig(model=str(folder), device="cpu", progress=False)).overlap
+    assert LLMEngine(EngineConfig(model=str(folder), device="cpu", progress=False, overlap_schedule="on")).overlap
+    assert EngineConfig(overlap_schedule=False).validate().overlap_schedule == "off"
+    with pytest.raises(ConfigError, match="--overlap-schedule"):
+        EngineConfig(overlap_schedule="yes").validate()
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_config_from_args(parser.parse_args(["--overlap-schedule", "on"])).overlap_schedule == "on"
+    assert engine_config_from_args(parser.parse_args([])).overlap_schedule == "auto"
+
+
 def test_resolve_future_tokens():
     future = torch.tensor([50, 60, 70])
     ids = torch.tensor([5, -3, -1, 0, 9])

@@ -117,7 +117,9 @@ class LLMEngine:
         self._requests: dict[str, list[Sequence]] = {}  # request_id -> its choices
         self._pending_outputs: list[EngineOutput] = []  # produced outside step() (aborts)
         # an executor that cannot read sampled tokens on the device runs synchronously
-        self.overlap = config.overlap_schedule and self.executor.supports_future_tokens
+        mode = self.config.overlap_schedule
+        wanted = mode == "on" or (mode == "auto" and self.executor.overlap_by_default)
+        self.overlap = wanted and self.executor.supports_future_tokens
         self._in_flight: _LaunchedStep | None = None  # overlap: the step launched by the last step() call
         self.num_finished = 0
         log.info(

@@ -47,6 +47,8 @@ class Executor(ABC):
         """
 
     supports_future_tokens: bool = False  # whether forward() takes `future_tokens`
+    # whether overlap scheduling is on with --overlap-schedule auto (where host and device run concurrently)
+    overlap_by_default: bool = False
 
     def shutdown(self) -> None:  # pragma: no cover - optional hook
         pass

@@ -160,6 +160,7 @@ class CUDAExecutor(Executor):
 
     name = "cuda"
     supports_future_tokens = True
+    overlap_by_default = True  # the host prepares the next step while the GPU runs this one
 
     def __init__(
         self,
