@@ -275,6 +275,55 @@ def test_penalties_resolve_before_the_next_step(checkpoint, vocab):
     assert_same_run(sync, overlap)
 
 
+# ---------------------------------------------------------------------- the scheduler with a step in flight
+def _launched_prompt(stop_after_preempt: bool):
+    """One sequence whose first token is launched (not resolved), then preempted; resolves to EOS or not."""
+    from test_scheduler import EOS, make_scheduler, make_seq
+
+    from worker.engine.model_runner import build_forward_batch
+
+    sched = make_scheduler(page_size=4)
+    seq = make_seq("a", list(range(20, 30)), max_tokens=8)
+    sched.add(seq)
+    batch = sched.schedule()
+    launched = sched.launch(batch, batch.sampling_rows())
+    assert launched == [seq] and seq.num_pending_tokens == 1 and seq.output_token_ids == [-1]
+
+    decode = sched.schedule()  # the next decode reads its input from row 0 of the launched step
+    forward_batch, _ = build_forward_batch(decode, 4)
+    assert forward_batch.input_ids.tolist() == [-1]
+    sched.launch(decode, decode.sampling_rows())  # its step is in flight too; now preempt the sequence
+    sched.preempt(seq)
+    sched.check_invariants()
+    assert not sched.schedule().seqs  # never prefilled while a token is still on the device
+    advanced, finished = sched.resolve(launched, [EOS if stop_after_preempt else 42], frozenset({EOS}))
+    assert advanced == [0]
+    return sched, seq, finished
+
+
+def test_preempted_sequence_finishes_when_its_pending_token_is_a_stop():
+    sched, seq, finished = _launched_prompt(stop_after_preempt=True)
+    assert finished == [seq] and seq.finish_reason == "stop"
+    assert seq.output_token_ids == [3] and seq not in sched.waiting
+    sched.check_invariants()
+    assert sched.kv_tokens_in_use() == 0
+
+
+def test_preempted_sequence_is_readmitted_with_its_real_token():
+    from worker.engine.model_runner import build_forward_batch
+
+    sched, seq, finished = _launched_prompt(stop_after_preempt=False)
+    assert not finished and seq.output_token_ids == [42, -1] and seq.num_pending_tokens == 1
+    sched.resolve([seq], [43])  # the second step in flight resolves while the sequence waits
+    assert seq.output_token_ids == [42, 43] and seq.num_pending_tokens == 0
+    batch = sched.schedule()
+    assert batch.seqs == [seq]
+    forward_batch, rows = build_forward_batch(batch, 4)
+    assert rows == [0] and forward_batch.input_ids.tolist()[-2:] == [42, 43]
+    assert min(forward_batch.input_ids.tolist()) >= 0
+    sched.check_invariants()
+
+
 def test_overlap_setting(checkpoint):
     """auto: off on the CPU (nothing runs concurrently there); on/off and booleans force it; typos are named."""
     import argparse
