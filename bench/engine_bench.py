@@ -12,6 +12,9 @@ transformers `generate` runs in the same process afterwards on the same checkpoi
 attention): the offline workload on a subset of its requests (the engine runs the same subset too),
 decode latency at the smaller batches and the prefill lengths.
 
+`--overlap both` runs the offline and decode figures with overlap scheduling off and on, one after the
+other on the same engine (EngineConfig.overlap_schedule; the other figures use the engine's default).
+
 Writes <out>/engine_bench_<model>.json and .png. Checkpoints of built-in presets are written on first
 use (weights drawn on the GPU) under --checkpoint-dir.
 """
