@@ -16,7 +16,7 @@ import typing
 from worker.config import DEVICES, EXECUTORS, POLICIES, ConfigError, EngineConfig
 
 _CHOICES = {"device": DEVICES, "executor": EXECUTORS, "policy": POLICIES,
-            "dtype": ("auto", "float32", "float16", "bfloat16")}
+            "dtype": ("auto", "float32", "float16", "bfloat16"), "overlap_schedule": ("auto", "on", "off")}
 _HELP = {
     "model": "local Hugging Face checkpoint folder or built-in name (demo, qwen3-0.6b, llama3-8b, ...)",
     "device": "auto: cuda when a GPU is visible, else cpu",
@@ -27,6 +27,7 @@ _HELP = {
     "max_waiting_requests": "beyond this many waiting requests new ones get HTTP 503 + Retry-After",
     "max_model_len": "context length; None: the model's",
     "policy": "scheduling policy",
+    "overlap_schedule": "prepare step N+1 on the CPU while the GPU runs step N; auto: on for cuda, off for cpu",
 }
 
 
