@@ -230,6 +230,18 @@ async def _admin_url(request: web.Request) -> str:
         raise BadRequest(str(exc), param="url") from None
 
 
+async def _admin_target(request: web.Request) -> tuple[RouterState, str] | web.Response:
+    """The admin key check and the worker url of a POST/DELETE /workers body, or the error to answer."""
+    state: RouterState = request.app[STATE_KEY]
+    denied = _admin_auth_error(state, request)
+    if denied is not None:
+        return denied
+    try:
+        return state, await _admin_url(request)
+    except BadRequest as exc:
+        return json_error(400, exc.message, param=exc.param)
+
+
 async def workers_get(request: web.Request) -> web.Response:
     state: RouterState = request.app[STATE_KEY]
     denied = _admin_auth_error(state, request)
@@ -241,14 +253,10 @@ async def workers_get(request: web.Request) -> web.Response:
 
 
 async def workers_post(request: web.Request) -> web.Response:
-    state: RouterState = request.app[STATE_KEY]
-    denied = _admin_auth_error(state, request)
-    if denied is not None:
-        return denied
-    try:
-        url = await _admin_url(request)
-    except BadRequest as exc:
-        return json_error(400, exc.message, param=exc.param)
+    target = await _admin_target(request)
+    if isinstance(target, web.Response):
+        return target
+    state, url = target
     existed = url in state.pool
     worker = state.add_worker(url, source="admin")
     log.info("worker %s added (%s)", worker.worker_id, "already present" if existed else "new")
@@ -257,14 +265,10 @@ async def workers_post(request: web.Request) -> web.Response:
 
 
 async def workers_delete(request: web.Request) -> web.Response:
-    state: RouterState = request.app[STATE_KEY]
-    denied = _admin_auth_error(state, request)
-    if denied is not None:
-        return denied
-    try:
-        url = await _admin_url(request)
-    except BadRequest as exc:
-        return json_error(400, exc.message, param=exc.param)
+    target = await _admin_target(request)
+    if isinstance(target, web.Response):
+        return target
+    state, url = target
     worker = state.remove_worker(url)
     if worker is None:
         return json_error(404, f"no worker with url {url}", param="url", code="worker_not_found")

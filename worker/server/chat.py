@@ -7,7 +7,7 @@ import time
 from aiohttp import web
 
 from worker.server.context import CTX_KEY, ServerContext, new_response_id, read_json, usage
-from worker.server.generation import ChoiceUpdate, Generation
+from worker.server.generation import ChoiceUpdate, Generation, merge_choice_updates
 from worker.server.logprobs import chat_logprobs
 from worker.server.protocol import ChatRequest, parse_chat_request
 from worker.server.streaming import ClientGone, SSEWriter, end_with_error, json_response
@@ -37,11 +37,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 def _complete(ctx: ServerContext, chat: ChatRequest, generation: Generation, updates: list[ChoiceUpdate]) -> web.Response:
-    totals = [ChoiceUpdate(i) for i in range(chat.params.n)]
-    for update in updates:
-        totals[update.index].merge(update)
     choices = []
-    for total in totals:
+    for total in merge_choice_updates(chat.params.n, updates):
         choices.append({
             "index": total.index,
             "message": {"role": "assistant", "content": total.text},

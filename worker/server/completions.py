@@ -12,7 +12,7 @@ import time
 from aiohttp import web
 
 from worker.server.context import CTX_KEY, ServerContext, new_response_id, read_json, usage
-from worker.server.generation import ChoiceUpdate, Generation, merge_generations
+from worker.server.generation import ChoiceUpdate, Generation, merge_choice_updates, merge_generations
 from worker.server.logprobs import CompletionLogprobs
 from worker.server.protocol import CompletionRequest, parse_completion_request
 from worker.server.streaming import ClientGone, SSEWriter, end_with_error, json_response
@@ -64,15 +64,9 @@ def _totals(generations: list[Generation]) -> tuple[int, int, int]:
 async def _complete(ctx: ServerContext, completion: CompletionRequest, generations: list[Generation],
                     first: list[ChoiceUpdate], echo: list[str] | None) -> web.Response:
     n = completion.params.n
-    totals = [ChoiceUpdate(i) for i in range(n * len(generations))]
-    for update in first:
-        totals[update.index].merge(update)
     rest = await asyncio.gather(*(g.run_to_end() for g in generations))
-    for batch in rest:
-        for update in batch:
-            totals[update.index].merge(update)
     choices = []
-    for total in totals:
+    for total in merge_choice_updates(n * len(generations), first, *rest):
         prefix = echo[total.index // n] if echo else ""
         logprobs = None
         if completion.logprobs is not None:

@@ -45,6 +45,15 @@ class ChoiceUpdate:
         self.stop_reason = other.stop_reason if other.stop_reason is not None else self.stop_reason
 
 
+def merge_choice_updates(num_choices: int, *update_lists: list[ChoiceUpdate]) -> list[ChoiceUpdate]:
+    """Fold streams of per-choice updates into one total per choice index, in index order."""
+    totals = [ChoiceUpdate(i) for i in range(num_choices)]
+    for updates in update_lists:
+        for update in updates:
+            totals[update.index].merge(update)
+    return totals
+
+
 class Generation:
     """Drives one engine request to completion (or abort) for one HTTP handler."""
 
