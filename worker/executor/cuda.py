@@ -170,6 +170,8 @@ class CUDAExecutor(Executor):
         ops: ModuleType | None = None,
     ):
         self.config = config
+        if device is None and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
         self._device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
         if self._device.type == "cuda" and self._device.index is None:
             self._device = torch.device("cuda", torch.cuda.current_device())
@@ -179,7 +181,7 @@ class CUDAExecutor(Executor):
             model_path, self._device, self.dtype, progress=config.progress, ops=self.ops
         )
         cfg: ModelConfig = self.model_config
-        self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
+        self.max_model_len = config.context_length(cfg.max_model_len)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.page_size: int | None = None
         self.graphs: DecodeGraphRunner | None = None
