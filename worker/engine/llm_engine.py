@@ -26,7 +26,7 @@ from worker.cache.page_pool import PagePool
 from worker.cache.radix_cache import RadixCache
 from worker.config import ConfigError, EngineConfig
 from worker.engine.forward_batch import build_forward_batch, sampling_states
-from worker.engine.protocol import EngineOutput, EngineRequest, EngineStats
+from worker.engine.protocol import ContextLengthExceeded, EngineOutput, EngineRequest, EngineStats, QueueFullError
 from worker.engine.sampler import PendingSample, Sampler
 from worker.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from worker.engine.sequence import Sequence
@@ -50,10 +50,6 @@ class _LaunchedStep:
         self.sample = sample
         # penalties read the output tokens on the host: the next step cannot start before these are known
         self.needs_host_tokens = any(s is not None and s.params.uses_penalties for s in seqs)
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at `max_waiting_requests`; the caller should retry later (HTTP 503)."""
 
 
 def create_executor(config: EngineConfig, model_path: Path) -> Executor:
@@ -140,18 +136,20 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in req.prompt_token_ids):
             raise InvalidParameter("prompt", f"token ids must be integers in [0, {vocab})")
-        if n_prompt >= self.max_model_len:
-            raise InvalidParameter(
+        limit = self.max_model_len
+        if n_prompt >= limit:
+            raise ContextLengthExceeded(
                 "prompt",
-                f"the prompt is {n_prompt} tokens, the model's context length is {self.max_model_len}; "
-                "shorten the prompt",
+                f"This model's maximum context length is {limit} tokens, but the prompt has {n_prompt} tokens. "
+                "Shorten the prompt.",
             )
         max_tokens = req.params.max_tokens
-        if max_tokens is not None and n_prompt + max_tokens > self.max_model_len:
-            raise InvalidParameter(
+        if max_tokens is not None and n_prompt + max_tokens > limit:
+            raise ContextLengthExceeded(
                 "max_tokens",
-                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context length "
-                f"{self.max_model_len}; lower max_tokens to at most {self.max_model_len - n_prompt}",
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
+                f"Lower the maximum completion tokens to at most {limit - n_prompt}.",
             )
         if n_prompt + 1 > self.kv_tokens_total:
             raise InvalidParameter(
