@@ -13,6 +13,7 @@ import torch
 
 from worker.config import EngineConfig
 from worker.engine.forward_batch import ForwardBatch
+from worker.executor.attention import HostAttentionBackend
 from worker.executor.base import Executor, resolve_future_tokens
 from worker.models.config import ModelConfig, parse_dtype
 from worker.models.loader import load_model
@@ -31,6 +32,7 @@ class CPUExecutor(Executor):
         self.model, self.model_config = load_model(model_path, "cpu", self.dtype, progress=config.progress)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.page_size: int | None = None
+        self.attention = HostAttentionBackend()
 
     @property
     def device(self) -> torch.device:
@@ -60,5 +62,6 @@ class CPUExecutor(Executor):
             raise ValueError(f"batch page_size {batch.page_size} != KV cache page_size {self.page_size}")
         if future_tokens is not None:
             batch = dataclasses.replace(batch, input_ids=resolve_future_tokens(batch.input_ids, future_tokens))
+        batch, meta = self.attention.prepare(batch)
         with torch.inference_mode():
-            return self.model(batch, self.kv_caches)
+            return self.model(batch, self.kv_caches, meta)
