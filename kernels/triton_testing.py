@@ -28,7 +28,8 @@ def make_meta(
     seq_lens: list[int], extend_lens: list[int], page_tables: torch.Tensor, page_size: int, num_decodes: int, device
 ) -> AttentionMetadata:
     out_slots = torch.zeros(sum(extend_lens), dtype=torch.int64, device=device)  # unused by attention
-    return AttentionMetadata.from_lists(seq_lens, extend_lens, page_tables.to(device), out_slots, page_size, num_decodes)
+    table = page_tables.to(device)
+    return AttentionMetadata.from_lists(seq_lens, extend_lens, table, out_slots, page_size, num_decodes)
 
 
 def make_case(

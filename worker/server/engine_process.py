@@ -33,19 +33,7 @@ from queue import SimpleQueue
 from worker.config import EngineConfig
 from worker.engine.protocol import EngineStats, QueueFullError
 from worker.sampling_params import InvalidParameter
-from worker.server.engine_messages import (
-    AbortRequests,
-    AddRequests,
-    Fatal,
-    Ready,
-    Rejected,
-    RejectKind,
-    StartFailed,
-    StatsUpdate,
-    StepOutputs,
-    Shutdown,
-    encode_outputs,
-)
+from worker.server import engine_messages as msg
 
 DEFAULT_ENGINE_FACTORY = "worker.engine.llm_engine:LLMEngine"
 IDLE_POLL_S = 0.5  # how long an idle engine sleeps in poll() before re-checking (commands wake it at once)
@@ -58,13 +46,13 @@ def load_factory(path: str):
     return getattr(importlib.import_module(module_name), attribute)
 
 
-def _ready_message(engine) -> Ready:
+def _ready_message(engine) -> msg.Ready:
     """What the frontend needs to serve: names, limits, and the tokenizer (if it can be pickled)."""
     try:
         tokenizer = pickle.dumps(engine.tokenizer)
     except Exception:  # the frontend then loads its own copy
         tokenizer = None
-    return Ready(
+    return msg.Ready(
         model_name=engine.model_name,
         max_model_len=engine.max_model_len,
         pid=os.getpid(),
@@ -113,20 +101,24 @@ class EngineLoop:
         self._last_stats = 0.0
         self.num_steps = 0
         self.step_seconds = 0.0  # inside engine.step(); the rest of the busy time is this loop's overhead
-        self._handlers = {AddRequests: self._add_all, AbortRequests: self._abort_all, Shutdown: self._shutdown}
+        self._handlers = {
+            msg.AddRequests: self._add_all,
+            msg.AbortRequests: self._abort_all,
+            msg.Shutdown: self._shutdown,
+        }
 
     def _handle(self, message) -> None:
         self._handlers[type(message)](message)
 
-    def _add_all(self, message: AddRequests) -> None:
+    def _add_all(self, message: msg.AddRequests) -> None:
         for request in message.requests:
             self._add(request)
 
-    def _abort_all(self, message: AbortRequests) -> None:
+    def _abort_all(self, message: msg.AbortRequests) -> None:
         for request_id, index in message.targets:
             self.engine.abort_request(request_id, index)
 
-    def _shutdown(self, message: Shutdown) -> None:
+    def _shutdown(self, message: msg.Shutdown) -> None:
         self.running = False
 
     def _add(self, request) -> None:
@@ -136,11 +128,12 @@ class EngineLoop:
             self.engine.add_request(request)
         except InvalidParameter as error:
             code = getattr(error, "code", None)
-            self.sender.put(Rejected(request.request_id, RejectKind.INVALID, error.message, error.param, code))
+            self.sender.put(msg.Rejected(request.request_id, msg.RejectKind.INVALID, error.message, error.param, code))
         except QueueFullError as error:
-            self.sender.put(Rejected(request.request_id, RejectKind.QUEUE_FULL, str(error)))
+            self.sender.put(msg.Rejected(request.request_id, msg.RejectKind.QUEUE_FULL, str(error)))
         except Exception as error:  # noqa: BLE001
-            self.sender.put(Rejected(request.request_id, RejectKind.ERROR, f"{type(error).__name__}: {error}"))
+            text = f"{type(error).__name__}: {error}"
+            self.sender.put(msg.Rejected(request.request_id, msg.RejectKind.ERROR, text))
 
     def _drain_commands(self, timeout: float) -> bool:
         """Apply every queued command; wait up to `timeout` for the first. True if any arrived."""
@@ -161,9 +154,9 @@ class EngineLoop:
                 outputs = self.engine.step()
                 self.step_seconds += time.perf_counter() - started
                 self.num_steps += 1
-                self.sender.put(StepOutputs(encode_outputs(outputs), self._stats_if_due()))
+                self.sender.put(msg.StepOutputs(msg.encode_outputs(outputs), self._stats_if_due()))
             elif got_commands:
-                self.sender.put(StatsUpdate(self.engine.stats()))
+                self.sender.put(msg.StatsUpdate(self.engine.stats()))
 
     def _stats_if_due(self) -> EngineStats | None:
         """EngineStats costs time (it walks the running requests' pages), so a busy engine sends them at
@@ -191,7 +184,7 @@ def run_engine_process(
     try:
         engine = load_factory(engine_factory)(config)
     except BaseException:  # noqa: BLE001 - any load failure must reach the frontend as text
-        sender.put(StartFailed(traceback.format_exc()))
+        sender.put(msg.StartFailed(traceback.format_exc()))
         sender.close()
         return
     loop = EngineLoop(engine, commands, sender)
@@ -202,7 +195,7 @@ def run_engine_process(
     except (EOFError, OSError):
         pass  # the frontend went away: nothing to report to
     except BaseException:  # noqa: BLE001
-        sender.put(Fatal(traceback.format_exc()))
+        sender.put(msg.Fatal(traceback.format_exc()))
     finally:
         print(f"radixfleet engine: {loop.num_steps} steps, {loop.step_seconds:.2f} s in step() over "
               f"{time.perf_counter() - started:.2f} s up", file=sys.stderr, flush=True)
