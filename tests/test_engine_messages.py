@@ -132,3 +132,62 @@ def test_an_invalid_request_is_a_400_naming_the_field_and_code():
 def test_an_engine_failure_on_a_request_is_a_500():
     error = _refusal(m.Rejected("r", m.RejectKind.ERROR, "ZeroDivisionError: division by zero"))
     assert error.status == 500 and "ZeroDivisionError" in error.message
+
+
+# ---------------------------------------------------------------------- the engine decides
+@pytest.fixture(scope="module")
+def small_engine(tmp_path_factory):
+    from worker.engine.llm_engine import LLMEngine
+    from worker.models.checkpoint_writer import write_checkpoint
+
+    folder = write_checkpoint("tiny-llama3", tmp_path_factory.mktemp("tiny") / "ckpt", seed=1, progress=False)
+    return LLMEngine(EngineConfig(model=str(folder), device="cpu", page_size=4, kv_cache_tokens=256,
+                                  max_model_len=32, max_waiting_requests=1, progress=False))
+
+
+def test_the_engine_refuses_what_does_not_fit_the_context_naming_field_and_code(small_engine):
+    with pytest.raises(ContextLengthExceeded) as long_prompt:
+        small_engine.add_request(EngineRequest("long", [1] * 32, SamplingParams()))
+    assert long_prompt.value.param == "prompt" and long_prompt.value.code == "context_length_exceeded"
+    assert "maximum context length is 32 tokens" in long_prompt.value.message
+    with pytest.raises(ContextLengthExceeded) as too_many:
+        small_engine.add_request(EngineRequest("many", [1] * 20, SamplingParams(max_tokens=13)))
+    assert too_many.value.param == "max_tokens" and "at most 12" in too_many.value.message
+    assert not small_engine.has_unfinished()
+
+
+def test_the_engine_is_the_one_that_says_the_queue_is_full(small_engine):
+    small_engine.add_request(EngineRequest("first", [1, 2, 3], SamplingParams(max_tokens=2)))
+    with pytest.raises(QueueFullError):
+        small_engine.add_request(EngineRequest("second", [1, 2, 3], SamplingParams(max_tokens=2)))
+    while small_engine.has_unfinished():
+        small_engine.step()
+    small_engine.add_request(EngineRequest("second", [1, 2, 3], SamplingParams(max_tokens=2)))  # room again
+    while small_engine.has_unfinished():
+        small_engine.step()
+
+
+class NoText:
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def test_a_refusal_names_the_field_as_the_request_spelled_it():
+    """The engine says "prompt" / "max_tokens"; a chat client sent "messages" / "max_completion_tokens"."""
+    from worker.server.generation import Generation
+
+    async def refused(engine_param: str) -> ApiError:
+        client = EngineClient(EngineConfig())
+        client.info, client._loop = object(), asyncio.get_running_loop()  # healthy, without a process
+        client._flush = lambda: None
+        generation = Generation(client, NoText(), [1, 2], SamplingParams(),
+                                param_names={"prompt": "messages", "max_tokens": "max_completion_tokens"})
+        generation.start()
+        client._dispatch(m.Rejected(generation.request_id, m.RejectKind.INVALID, "too long", engine_param))
+        with pytest.raises(ApiError) as caught:
+            await generation.first_updates()
+        return caught.value
+
+    assert asyncio.run(refused("prompt")).param == "messages"
+    assert asyncio.run(refused("max_tokens")).param == "max_completion_tokens"
+    assert asyncio.run(refused("temperature")).param == "temperature"
