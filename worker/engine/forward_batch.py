@@ -48,23 +48,6 @@ class ForwardBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
-    @property
-    def prefix_lens(self) -> list[int]:
-        return [s - e for s, e in zip(self.seq_lens, self.extend_lens)]
-
-    def to(self, device: torch.device | str) -> "ForwardBatch":
-        return ForwardBatch(
-            input_ids=self.input_ids.to(device, non_blocking=True),
-            positions=self.positions.to(device, non_blocking=True),
-            out_slots=self.out_slots.to(device, non_blocking=True),
-            page_tables=self.page_tables.to(device, non_blocking=True),
-            seq_lens=self.seq_lens,
-            extend_lens=self.extend_lens,
-            logits_indices=self.logits_indices.to(device, non_blocking=True),
-            num_decodes=self.num_decodes,
-            page_size=self.page_size,
-        )
-
 
 def _token_slice(seq, start: int, end: int) -> list[int]:
     """seq.token_ids()[start:end] without concatenating the whole prompt and output each step."""

@@ -1,4 +1,4 @@
-"""The engine loop in its own process, and the messages it exchanges with the HTTP frontend.
+"""The engine loop in its own process, fed by the HTTP frontend's commands and streaming its outputs back.
 
 Why a separate process: the scheduler loop (`LLMEngine.step()`) must never wait on HTTP work
 (JSON, detokenization, SSE writes), and one Python process cannot give it that guarantee
