@@ -2,13 +2,47 @@
 
 Both the torch reference ops and the Triton kernels take this same object, so an executor can swap
 one for the other without touching the model code.
+
+How the per-sequence fields follow from the step's lengths is written once, in `host_lengths`; every
+builder (`from_lists` here, the CUDA executor's packed upload, the kernel tests' cases) starts from it.
+Who builds the metadata for a running engine is the executor's attention backend
+(worker.executor.attention).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+
+@dataclass
+class HostLengths:
+    """The step's per-sequence lengths as int32 arrays, and their maxima (host ints)."""
+
+    seq_lens: np.ndarray  # context length after this step
+    extend_lens: np.ndarray  # new tokens per sequence
+    prefix_lens: np.ndarray  # tokens already in the KV cache: seq_lens - extend_lens
+    extend_starts: np.ndarray  # offset of each sequence's first new token in the flat [T] arrays
+    max_extend_len: int
+    max_seq_len: int
+
+
+def host_lengths(seq_lens: list[int], extend_lens: list[int]) -> HostLengths:
+    seq = np.asarray(seq_lens, dtype=np.int32)
+    ext = np.asarray(extend_lens, dtype=np.int32)
+    starts = np.zeros(len(ext), dtype=np.int32)
+    if len(ext) > 1:
+        np.cumsum(ext[:-1], out=starts[1:])
+    return HostLengths(
+        seq_lens=seq,
+        extend_lens=ext,
+        prefix_lens=seq - ext,
+        extend_starts=starts,
+        max_extend_len=int(ext.max()) if len(ext) else 0,
+        max_seq_len=int(seq.max()) if len(seq) else 0,
+    )
 
 
 @dataclass
@@ -27,31 +61,40 @@ class AttentionMetadata:
     extend_lens_list: list[int]
 
     @classmethod
-    def from_batch(cls, batch) -> "AttentionMetadata":
-        """Build from a `worker.engine.forward_batch.ForwardBatch` (already on the target device)."""
-        device = batch.input_ids.device
-        seq_lens = list(batch.seq_lens)
-        extend_lens = list(batch.extend_lens)
-        prefix_lens = [s - e for s, e in zip(seq_lens, extend_lens)]
-        starts, acc = [], 0
-        for e in extend_lens:
-            starts.append(acc)
-            acc += e
+    def from_lists(
+        cls,
+        seq_lens: list[int],
+        extend_lens: list[int],
+        page_tables: torch.Tensor,
+        out_slots: torch.Tensor,
+        page_size: int,
+        num_decodes: int,
+    ) -> "AttentionMetadata":
+        """Metadata on `page_tables`' device from the step's host lengths (one small copy per field)."""
+        device = page_tables.device
+        lengths = host_lengths(seq_lens, extend_lens)
 
-        def as_tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+        def as_tensor(values: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(values).to(device, non_blocking=True)
 
         return cls(
-            page_tables=batch.page_tables,
-            seq_lens=as_tensor(seq_lens),
-            extend_lens=as_tensor(extend_lens),
-            prefix_lens=as_tensor(prefix_lens),
-            extend_starts=as_tensor(starts),
-            out_slots=batch.out_slots,
-            page_size=batch.page_size,
-            num_decodes=batch.num_decodes,
-            max_extend_len=max(extend_lens, default=0),
-            max_seq_len=max(seq_lens, default=0),
-            seq_lens_list=seq_lens,
-            extend_lens_list=extend_lens,
+            page_tables=page_tables,
+            seq_lens=as_tensor(lengths.seq_lens),
+            extend_lens=as_tensor(lengths.extend_lens),
+            prefix_lens=as_tensor(lengths.prefix_lens),
+            extend_starts=as_tensor(lengths.extend_starts),
+            out_slots=out_slots,
+            page_size=page_size,
+            num_decodes=num_decodes,
+            max_extend_len=lengths.max_extend_len,
+            max_seq_len=lengths.max_seq_len,
+            seq_lens_list=list(seq_lens),
+            extend_lens_list=list(extend_lens),
+        )
+
+    @classmethod
+    def from_batch(cls, batch) -> "AttentionMetadata":
+        """Build from a `worker.engine.forward_batch.ForwardBatch` (already on the target device)."""
+        return cls.from_lists(
+            batch.seq_lens, batch.extend_lens, batch.page_tables, batch.out_slots, batch.page_size, batch.num_decodes
         )

@@ -27,29 +27,9 @@ class PagedCase:
 def make_meta(
     seq_lens: list[int], extend_lens: list[int], page_tables: torch.Tensor, page_size: int, num_decodes: int, device
 ) -> AttentionMetadata:
-    prefix_lens = [s - e for s, e in zip(seq_lens, extend_lens)]
-    starts, acc = [], 0
-    for e in extend_lens:
-        starts.append(acc)
-        acc += e
-
-    def as_tensor(values):
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
-    return AttentionMetadata(
-        page_tables=page_tables,
-        seq_lens=as_tensor(seq_lens),
-        extend_lens=as_tensor(extend_lens),
-        prefix_lens=as_tensor(prefix_lens),
-        extend_starts=as_tensor(starts),
-        out_slots=torch.zeros(acc, dtype=torch.int64, device=device),  # unused by attention
-        page_size=page_size,
-        num_decodes=num_decodes,
-        max_extend_len=max(extend_lens, default=0),
-        max_seq_len=max(seq_lens, default=0),
-        seq_lens_list=list(seq_lens),
-        extend_lens_list=list(extend_lens),
-    )
+    out_slots = torch.zeros(sum(extend_lens), dtype=torch.int64, device=device)  # unused by attention
+    table = page_tables.to(device)
+    return AttentionMetadata.from_lists(seq_lens, extend_lens, table, out_slots, page_size, num_decodes)
 
 
 def make_case(

@@ -25,6 +25,7 @@ from helpers_hf import (
     make_hf_checkpoint,
     random_prompts,
 )
+from worker.config import EngineConfig
 from worker.executor.cpu import CPUExecutor
 from worker.models.config import CheckpointError, ModelConfig, UnsupportedModelError
 from worker.models.loader import load_model
@@ -62,7 +63,7 @@ def full_prompt_logits(executor: CPUExecutor, prompts: list[list[int]], page_siz
 @pytest.mark.parametrize("kind", KINDS)
 def test_full_prompt_batch_matches_transformers(checkpoint, kind):
     folder, oracle = checkpoint(kind)
-    executor = CPUExecutor(folder, kv_cache_tokens=128, progress=False)
+    executor = CPUExecutor(folder, EngineConfig(kv_cache_tokens=128, progress=False))
     prompts = random_prompts([1, 7, 19], VOCAB, seed=11)
 
     logits = full_prompt_logits(executor, prompts, page_size=4)
@@ -78,7 +79,7 @@ def test_sharded_checkpoint_loads_through_index(tmp_path):
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
     assert (folder / "model.safetensors.index.json").is_file() and len(shards) > 2, shards
 
-    executor = CPUExecutor(folder, kv_cache_tokens=64, progress=False)
+    executor = CPUExecutor(folder, EngineConfig(kv_cache_tokens=64, progress=False))
     prompts = random_prompts([6, 10], VOCAB, seed=2)
     logits = full_prompt_logits(executor, prompts, page_size=8)
 
@@ -96,7 +97,7 @@ def test_tied_checkpoint_shares_the_embedding_matrix(checkpoint):
 
 def test_bfloat16_model_returns_float32_logits_close_to_float32(checkpoint):
     folder, oracle = checkpoint("llama")
-    executor = CPUExecutor(folder, kv_cache_tokens=64, dtype=torch.bfloat16, progress=False)
+    executor = CPUExecutor(folder, EngineConfig(kv_cache_tokens=64, dtype="bfloat16", progress=False))
     assert executor.model.embed_tokens.weight.dtype == torch.bfloat16
     assert executor.kv_caches == [] and executor.model_config.num_hidden_layers == 2
     prompt = random_prompts([12], VOCAB, seed=4)[0]
@@ -127,7 +128,7 @@ def test_chunked_prefill_and_decode_over_shuffled_pages_match(checkpoint, kind, 
     prompts = random_prompts([sum(plan) for plan in CHUNK_PLANS], VOCAB, seed=7)
     expected = [hf_logits(oracle, p) for p in prompts]
 
-    executor = CPUExecutor(folder, kv_cache_tokens=256, progress=False)
+    executor = CPUExecutor(folder, EngineConfig(kv_cache_tokens=256, progress=False))
     num_pages = executor.num_kv_pages(page_size)
     executor.init_kv_cache(num_pages, page_size)
     for k_cache, v_cache in executor.kv_caches:  # any read of a slot never written turns into NaN
@@ -161,7 +162,7 @@ def test_chunked_prefill_and_decode_over_shuffled_pages_match(checkpoint, kind, 
 # --------------------------------------------------------------------------- executor contract
 def test_executor_kv_pool_geometry(checkpoint):
     folder, _ = checkpoint("qwen3")
-    executor = CPUExecutor(folder, kv_cache_tokens=100, progress=False)
+    executor = CPUExecutor(folder, EngineConfig(kv_cache_tokens=100, progress=False))
     assert executor.name == "cpu" and executor.device == torch.device("cpu")
     assert executor.num_kv_pages(16) == 6
     with pytest.raises(RuntimeError, match="init_kv_cache"):
@@ -284,7 +285,7 @@ def test_unsupported_architecture_checkpoint(checkpoint, tmp_path):
     config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
-        CPUExecutor(folder, kv_cache_tokens=16, progress=False)
+        CPUExecutor(folder, EngineConfig(kv_cache_tokens=16, progress=False))
 
 
 def test_bin_only_checkpoint_is_refused_with_a_hint(checkpoint, tmp_path):

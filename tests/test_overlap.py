@@ -280,7 +280,7 @@ def _launched_prompt(stop_after_preempt: bool):
     """One sequence whose first token is launched (not resolved), then preempted; resolves to EOS or not."""
     from test_scheduler import EOS, make_scheduler, make_seq
 
-    from worker.engine.model_runner import build_forward_batch
+    from worker.engine.forward_batch import build_forward_batch
 
     sched = make_scheduler(page_size=4)
     seq = make_seq("a", list(range(20, 30)), max_tokens=8)
@@ -310,7 +310,7 @@ def test_preempted_sequence_finishes_when_its_pending_token_is_a_stop():
 
 
 def test_preempted_sequence_is_readmitted_with_its_real_token():
-    from worker.engine.model_runner import build_forward_batch
+    from worker.engine.forward_batch import build_forward_batch
 
     sched, seq, finished = _launched_prompt(stop_after_preempt=False)
     assert not finished and seq.output_token_ids == [42, -1] and seq.num_pending_tokens == 1

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from worker.executor.registry import EXECUTOR_CLASSES
+
 POLICIES = ("fcfs", "priority", "lpm")
 DEVICES = ("auto", "cuda", "cpu")
-EXECUTORS = ("auto", "cpu", "cuda", "sim")
+EXECUTORS = ("auto", *EXECUTOR_CLASSES)
 OVERLAP_MODES = ("auto", "on", "off")
 
 
@@ -70,6 +72,14 @@ class EngineConfig:
         if not (0.05 <= self.mem_fraction <= 0.98):
             raise ConfigError(f"--mem-fraction must be between 0.05 and 0.98, got {self.mem_fraction}")
         return self
+
+    def context_length(self, model_max_len: int) -> int:
+        """The engine's max_model_len: the setting, capped at (and by default) the model's own limit."""
+        return min(self.max_model_len or model_max_len, model_max_len)
+
+    def resolved_executor(self) -> str:
+        """The executor's registry name (worker.executor.registry): `auto` follows the device."""
+        return self.executor if self.executor != "auto" else self.resolved_device()
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -14,9 +14,9 @@ from typing import Sequence as Seq
 from tqdm.auto import tqdm
 
 from worker.config import EngineConfig
-from worker.engine.llm_engine import LLMEngine, QueueFullError, new_request_id
+from worker.engine.llm_engine import LLMEngine, new_request_id
 from worker.engine.output import ChoiceTextState
-from worker.engine.protocol import EngineOutput, EngineRequest, FinishReason, TokenLogprob
+from worker.engine.protocol import EngineOutput, EngineRequest, FinishReason, QueueFullError, TokenLogprob
 from worker.sampling_params import SamplingParams
 
 

@@ -1,4 +1,4 @@
-"""The engine: scheduler -> model runner -> executor -> sampler, one iteration per `step()`.
+"""The engine: scheduler -> forward batch -> executor -> sampler, one iteration per `step()`.
 
 Single-threaded on purpose: the HTTP frontend runs it in its own process and feeds it through IPC
 (worker.server), the offline `LLM` API drives it in a loop. It speaks only token ids.
@@ -17,6 +17,7 @@ tokens on the host, so such steps resolve the previous step first (no overlap fo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from pathlib import Path
@@ -24,12 +25,13 @@ from pathlib import Path
 from worker.cache.page_pool import PagePool
 from worker.cache.radix_cache import RadixCache
 from worker.config import ConfigError, EngineConfig
-from worker.engine.model_runner import build_forward_batch, sampling_states
-from worker.engine.protocol import EngineOutput, EngineRequest, EngineStats
+from worker.engine.forward_batch import build_forward_batch, sampling_states
+from worker.engine.protocol import ContextLengthExceeded, EngineOutput, EngineRequest, EngineStats, QueueFullError
 from worker.engine.sampler import PendingSample, Sampler
 from worker.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from worker.engine.sequence import Sequence
 from worker.executor.base import Executor
+from worker.executor.registry import executor_class
 from worker.sampling_params import InvalidParameter
 
 log = logging.getLogger(__name__)
@@ -50,33 +52,22 @@ class _LaunchedStep:
         self.needs_host_tokens = any(s is not None and s.params.uses_penalties for s in seqs)
 
 
-class QueueFullError(RuntimeError):
-    """The waiting queue is at `max_waiting_requests`; the caller should retry later (HTTP 503)."""
-
-
 def create_executor(config: EngineConfig, model_path: Path) -> Executor:
-    device = config.resolved_device()
-    kind = config.executor if config.executor != "auto" else device
-    if kind == "cpu":
-        import torch
+    """The executor `config` names (worker.executor.registry), built as `Executor(model_path, config)`."""
+    name = config.resolved_executor()
+    try:
+        executor_type = executor_class(name)
+    except KeyError as error:
+        raise ConfigError(error.args[0]) from None
+    return executor_type(model_path, config)
 
-        from worker.executor.cpu import CPUExecutor
 
-        dtype = torch.float32 if config.dtype == "auto" else getattr(torch, config.dtype)
-        return CPUExecutor(model_path, kv_cache_tokens=config.kv_cache_tokens, dtype=dtype, progress=config.progress)
-    if kind == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        from worker.executor.cuda import CUDAExecutor
-
-        return CUDAExecutor(model_path, config)
-    if kind == "sim":
-        from worker.executor.sim import SimExecutor
-
-        return SimExecutor(model_path, config)
-    raise ConfigError(f"unknown executor {kind!r}")
+def scheduler_config(config: EngineConfig, max_model_len: int) -> SchedulerConfig:
+    """The scheduler's settings: every SchedulerConfig field EngineConfig has under the same name, with
+    the context length the engine derived (EngineConfig.context_length) instead of the raw setting."""
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(SchedulerConfig) if hasattr(config, f.name)}
+    shared["max_model_len"] = max_model_len
+    return SchedulerConfig(**shared)
 
 
 class LLMEngine:
@@ -90,27 +81,15 @@ class LLMEngine:
         self.model_path = resolve_model(config.model, progress=config.progress)
         self.model_config = ModelConfig.from_folder(self.model_path)
         self.tokenizer = Tokenizer.from_folder(self.model_path)
-        self.max_model_len = min(
-            config.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len
-        )
+        self.max_model_len = config.context_length(self.model_config.max_model_len)
         self.executor = executor or create_executor(config, self.model_path)
         num_pages = self.executor.num_kv_pages(config.page_size)
         if num_pages < 2:
             raise ConfigError("the KV budget holds fewer than two pages: raise --kv-cache-tokens or --mem-fraction")
         self.executor.init_kv_cache(num_pages, config.page_size)
         self.cache = RadixCache(PagePool(num_pages, config.page_size), enabled=config.enable_prefix_cache)
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_running_requests=config.max_running_requests,
-                max_model_len=self.max_model_len,
-                policy=config.policy,
-                priority_aging_s=config.priority_aging_s,
-                new_token_ratio_init=config.new_token_ratio_init,
-                new_token_ratio_min=config.new_token_ratio_min,
-            ),
-            self.cache,
-        )
+        self.kv_tokens_total = num_pages * config.page_size
+        self.scheduler = Scheduler(scheduler_config(config, self.max_model_len), self.cache)
         self.sampler = Sampler(self.model_config.vocab_size, self.executor.device, seed=config.seed)
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids)))
         self._eos_set = frozenset(self.eos_token_ids)
@@ -124,7 +103,7 @@ class LLMEngine:
         self.num_finished = 0
         log.info(
             "engine ready: model=%s executor=%s kv=%d tokens (%d pages of %d) max_model_len=%d overlap=%s",
-            self.model_name, self.executor.name, num_pages * config.page_size, num_pages, config.page_size,
+            self.model_name, self.executor.name, self.kv_tokens_total, num_pages, config.page_size,
             self.max_model_len, self.overlap,
         )
 
@@ -157,22 +136,25 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in req.prompt_token_ids):
             raise InvalidParameter("prompt", f"token ids must be integers in [0, {vocab})")
-        if n_prompt >= self.max_model_len:
-            raise InvalidParameter(
+        limit = self.max_model_len
+        if n_prompt >= limit:
+            raise ContextLengthExceeded(
                 "prompt",
-                f"the prompt is {n_prompt} tokens, the model's context length is {self.max_model_len}; "
-                "shorten the prompt",
+                f"This model's maximum context length is {limit} tokens, but the prompt has {n_prompt} tokens. "
+                "Shorten the prompt.",
             )
         max_tokens = req.params.max_tokens
-        if max_tokens is not None and n_prompt + max_tokens > self.max_model_len:
-            raise InvalidParameter(
+        if max_tokens is not None and n_prompt + max_tokens > limit:
+            raise ContextLengthExceeded(
                 "max_tokens",
-                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context length "
-                f"{self.max_model_len}; lower max_tokens to at most {self.max_model_len - n_prompt}",
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
+                f"Lower the maximum completion tokens to at most {limit - n_prompt}.",
             )
-        pool_tokens = self.cache.pool.num_pages * self.cache.page_size
-        if n_prompt + 1 > pool_tokens:
-            raise InvalidParameter("prompt", f"the prompt ({n_prompt} tokens) exceeds the KV cache ({pool_tokens} tokens)")
+        if n_prompt + 1 > self.kv_tokens_total:
+            raise InvalidParameter(
+                "prompt", f"the prompt ({n_prompt} tokens) exceeds the KV cache ({self.kv_tokens_total} tokens)"
+            )
 
     def abort_request(self, request_id: str, index: int | None = None) -> None:
         """Stop the request (or one of its choices) now and free its KV; an `abort` event follows."""
@@ -268,7 +250,7 @@ class LLMEngine:
             num_running=len(s.running),
             num_waiting=len(s.waiting),
             kv_tokens_used=s.kv_tokens_in_use(),
-            kv_tokens_total=self.cache.pool.num_pages * self.cache.page_size,
+            kv_tokens_total=self.kv_tokens_total,
             cache_hit_tokens=self.cache.hit_tokens,
             cache_query_tokens=self.cache.query_tokens,
             num_preemptions=s.num_preemptions,

@@ -10,7 +10,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from worker.sampling_params import SamplingParams
+from worker.sampling_params import InvalidParameter, SamplingParams
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at `max_waiting_requests`; the caller should retry later (HTTP 503).
+
+    The engine is the one place that decides this (the frontend only relays it)."""
+
+
+class ContextLengthExceeded(InvalidParameter):
+    """The prompt, or the prompt plus max_tokens, does not fit the context length (HTTP 400)."""
+
+    code = "context_length_exceeded"  # OpenAI's error code for it
 
 
 @dataclass

@@ -3,6 +3,13 @@
 The scheduler and the radix cache only ever deal in page ids; the executor owns the model weights
 and the KV tensors those page ids point into. Three executors plug in here:
 `cpu` (torch reference ops), `cuda` (Triton kernels, CUDA graphs) and `sim` (a cost model, no tensors).
+
+Construction: every executor is built the same way, `ExecutorClass(model_path, config: EngineConfig)`,
+and registered by name in worker.executor.registry; `create_executor` (worker.engine.llm_engine) looks
+the name up there and knows no executor itself. An executor reads what it needs from `config`
+(`kv_cache_tokens`, `dtype` with "auto" meaning its own default, `progress`, and for CUDA the memory and
+graph settings); extra keyword arguments after the two are allowed for tests (the CUDA executor's
+`device` and `ops`). This is the only change to the interface below, which is otherwise as it was.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from worker.config import EngineConfig
 from worker.engine.forward_batch import ForwardBatch
+from worker.executor.attention import HostAttentionBackend
 from worker.executor.base import Executor, resolve_future_tokens
 from worker.models.config import ModelConfig, parse_dtype
 from worker.models.loader import load_model
@@ -21,20 +23,16 @@ class CPUExecutor(Executor):
     name = "cpu"
     supports_future_tokens = True
 
-    def __init__(
-        self,
-        model_folder: str | Path,
-        kv_cache_tokens: int,
-        dtype: torch.dtype | str = torch.float32,
-        progress: bool = True,
-    ):
-        if kv_cache_tokens <= 0:
-            raise ValueError(f"kv_cache_tokens must be positive, got {kv_cache_tokens}")
-        self.kv_cache_tokens = int(kv_cache_tokens)
-        self.dtype = parse_dtype(dtype) or torch.float32
-        self.model, self.model_config = load_model(model_folder, "cpu", self.dtype, progress=progress)
+    def __init__(self, model_path: str | Path, config: EngineConfig):
+        """Reads `config.kv_cache_tokens` (the KV budget), `config.dtype` ("auto": float32) and `config.progress`."""
+        if config.kv_cache_tokens <= 0:
+            raise ValueError(f"kv_cache_tokens must be positive, got {config.kv_cache_tokens}")
+        self.kv_cache_tokens = int(config.kv_cache_tokens)
+        self.dtype = torch.float32 if config.dtype == "auto" else parse_dtype(config.dtype)
+        self.model, self.model_config = load_model(model_path, "cpu", self.dtype, progress=config.progress)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.page_size: int | None = None
+        self.attention = HostAttentionBackend()
 
     @property
     def device(self) -> torch.device:
@@ -64,5 +62,6 @@ class CPUExecutor(Executor):
             raise ValueError(f"batch page_size {batch.page_size} != KV cache page_size {self.page_size}")
         if future_tokens is not None:
             batch = dataclasses.replace(batch, input_ids=resolve_future_tokens(batch.input_ids, future_tokens))
+        batch, meta = self.attention.prepare(batch)
         with torch.inference_mode():
-            return self.model(batch, self.kv_caches)
+            return self.model(batch, self.kv_caches, meta)

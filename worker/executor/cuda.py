@@ -6,8 +6,9 @@ What it adds to the model code:
   total memory; the pool gets what is left after the weights, everything else already in use on the
   device, the peak activations of a `max_num_batched_tokens` step (measured by running one) and a
   reserve for the CUDA graphs;
-- batch tensors packed into pinned host buffers and moved with one non_blocking copy per dtype, with
-  the attention metadata built here (so the model never makes its own small synchronous copies);
+- one attention backend (worker.executor.cuda_attention) that packs each step into pinned host buffers,
+  moves it with one non_blocking copy per dtype and builds its attention metadata on the device (so the
+  model never makes its own small synchronous copies), and holds the CUDA graphs' static inputs;
 - decode steps replayed from CUDA graphs (worker.executor.cuda_graphs), other steps eager;
 - a short kernel warm-up at start (prefill, extend, mixed and decode shapes) so Triton compiles before
   the first request rather than in the middle of live traffic.
@@ -22,7 +23,6 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -30,6 +30,7 @@ from kernels.attention_metadata import AttentionMetadata
 from worker.config import ConfigError, EngineConfig
 from worker.engine.forward_batch import ForwardBatch
 from worker.executor.base import Executor, resolve_future_tokens
+from worker.executor.cuda_attention import CudaAttentionBackend
 from worker.executor.cuda_graphs import DecodeGraphRunner
 from worker.models.config import ModelConfig, parse_dtype
 from worker.models.loader import load_model
@@ -49,112 +50,6 @@ def _triton_ops() -> ModuleType:
     return triton_ops
 
 
-_ALIGN = 16  # elements
-
-
-def _offsets(sizes: list[int]) -> list[int]:
-    """Start offsets of consecutive fields, each rounded up to _ALIGN elements; the last entry is the total."""
-    offsets, at = [], 0
-    for size in sizes:
-        offsets.append(at)
-        at += -(-size // _ALIGN) * _ALIGN
-    offsets.append(at)
-    return offsets
-
-
-class _BatchStaging:
-    """Moves a CPU ForwardBatch to the GPU: two pinned host buffers (int64, int32), two async copies.
-
-    The device buffers are reused from step to step; that is safe because every step runs on one
-    stream, so a copy into them is ordered after the previous step's kernels. The host buffers are
-    rewritten only after the previous step's copies completed (an event).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.pin = device.type == "cuda"
-        self._host_i64 = self._dev_i64 = None
-        self._host_i32 = self._dev_i32 = None
-        self._copied = torch.cuda.Event() if self.pin else None
-
-    def _buffers(self, attr: str, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        host, dev = getattr(self, f"_host_{attr}"), getattr(self, f"_dev_{attr}")
-        if host is None or host.numel() < size:
-            capacity = 1 << max(12, (size - 1).bit_length())  # grow by powers of two
-            host = torch.empty(capacity, dtype=dtype, pin_memory=self.pin)
-            dev = torch.empty(capacity, dtype=dtype, device=self.device)
-            setattr(self, f"_host_{attr}", host)
-            setattr(self, f"_dev_{attr}", dev)
-        return host, dev
-
-    def upload(self, batch: ForwardBatch) -> tuple[ForwardBatch, AttentionMetadata]:
-        num_tokens, batch_size = batch.num_tokens, batch.batch_size
-        num_logits = int(batch.logits_indices.shape[0])
-        width = int(batch.page_tables.shape[1])
-        seq_lens = np.asarray(batch.seq_lens, dtype=np.int32)
-        extend_lens = np.asarray(batch.extend_lens, dtype=np.int32)
-        starts = np.zeros(batch_size, dtype=np.int32)
-        if batch_size > 1:
-            np.cumsum(extend_lens[:-1], out=starts[1:])
-
-        if self._copied is not None:
-            self._copied.synchronize()
-        # Each field starts at a multiple of 16 elements: every device view is then 64-byte aligned, so
-        # Triton compiles one (vectorised) variant per kernel instead of one per alignment it meets.
-        o64 = _offsets([num_tokens, num_tokens, num_tokens, num_logits])
-        host64, dev64 = self._buffers("i64", o64[-1], torch.int64)
-        h64 = host64.numpy()
-        h64[o64[0] : o64[0] + num_tokens] = batch.input_ids.numpy()
-        h64[o64[1] : o64[1] + num_tokens] = batch.positions.numpy()
-        h64[o64[2] : o64[2] + num_tokens] = batch.out_slots.numpy()
-        h64[o64[3] : o64[3] + num_logits] = batch.logits_indices.numpy()
-
-        o32 = _offsets([batch_size, batch_size, batch_size, batch_size, batch_size * width])
-        host32, dev32 = self._buffers("i32", o32[-1], torch.int32)
-        h32 = host32.numpy()
-        h32[o32[0] : o32[0] + batch_size] = seq_lens
-        h32[o32[1] : o32[1] + batch_size] = extend_lens
-        h32[o32[2] : o32[2] + batch_size] = seq_lens - extend_lens
-        h32[o32[3] : o32[3] + batch_size] = starts
-        h32[o32[4] : o32[4] + batch_size * width] = batch.page_tables.numpy().reshape(-1)
-
-        d64 = dev64[: o64[-1]]
-        d64.copy_(host64[: o64[-1]], non_blocking=True)
-        d32 = dev32[: o32[-1]]
-        d32.copy_(host32[: o32[-1]], non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
-
-        page_tables = d32[o32[4] : o32[4] + batch_size * width].view(batch_size, width)
-        out_slots = d64[o64[2] : o64[2] + num_tokens]
-        on_device = ForwardBatch(
-            input_ids=d64[o64[0] : o64[0] + num_tokens],
-            positions=d64[o64[1] : o64[1] + num_tokens],
-            out_slots=out_slots,
-            page_tables=page_tables,
-            seq_lens=batch.seq_lens,
-            extend_lens=batch.extend_lens,
-            logits_indices=d64[o64[3] : o64[3] + num_logits],
-            num_decodes=batch.num_decodes,
-            page_size=batch.page_size,
-        )
-        meta = AttentionMetadata(
-            page_tables=page_tables,
-            seq_lens=d32[o32[0] : o32[0] + batch_size],
-            extend_lens=d32[o32[1] : o32[1] + batch_size],
-            prefix_lens=d32[o32[2] : o32[2] + batch_size],
-            extend_starts=d32[o32[3] : o32[3] + batch_size],
-            out_slots=out_slots,
-            page_size=batch.page_size,
-            num_decodes=batch.num_decodes,
-            max_extend_len=int(extend_lens.max()) if batch_size else 0,
-            max_seq_len=int(seq_lens.max()) if batch_size else 0,
-            seq_lens_list=list(batch.seq_lens),
-            extend_lens_list=list(batch.extend_lens),
-        )
-        return on_device, meta
-
-
 class CUDAExecutor(Executor):
     """See the module docstring. `device` and `ops` are for tests (another GPU, or torch_ref ops)."""
 
@@ -170,6 +65,8 @@ class CUDAExecutor(Executor):
         ops: ModuleType | None = None,
     ):
         self.config = config
+        if device is None and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
         self._device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
         if self._device.type == "cuda" and self._device.index is None:
             self._device = torch.device("cuda", torch.cuda.current_device())
@@ -179,11 +76,11 @@ class CUDAExecutor(Executor):
             model_path, self._device, self.dtype, progress=config.progress, ops=self.ops
         )
         cfg: ModelConfig = self.model_config
-        self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
+        self.max_model_len = config.context_length(cfg.max_model_len)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.page_size: int | None = None
         self.graphs: DecodeGraphRunner | None = None
-        self._staging = _BatchStaging(self._device)
+        self.attention = CudaAttentionBackend(self._device)
         self._kv_pool: torch.Tensor | None = None
         self.memory_report: dict[str, float] = {}
 
@@ -232,7 +129,7 @@ class CUDAExecutor(Executor):
         torch.cuda.synchronize(self._device)
         torch.cuda.reset_peak_memory_stats(self._device)
         before = torch.cuda.memory_allocated(self._device)
-        on_device, meta = self._staging.upload(batch)
+        on_device, meta = self.attention.prepare(batch)
         with torch.inference_mode():
             logits = self.model(on_device, caches, meta)
         torch.cuda.synchronize(self._device)
@@ -359,6 +256,7 @@ class CUDAExecutor(Executor):
         max_bs = min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
         runner = DecodeGraphRunner(
             forward=self._forward_on_device,
+            attention=self.attention,
             page_size=page_size,
             max_batch_size=max_bs,
             max_pages_per_seq=-(-self.max_model_len // page_size),
@@ -385,7 +283,7 @@ class CUDAExecutor(Executor):
 
     def forward_eager(self, batch: ForwardBatch, future_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run the step without CUDA graphs (mixed and prefill steps, and large decode batches)."""
-        on_device, meta = self._staging.upload(batch)
+        on_device, meta = self.attention.prepare(batch)
         if future_tokens is not None:
             on_device.input_ids.copy_(resolve_future_tokens(on_device.input_ids, future_tokens))
         return self._forward_on_device(on_device, meta)

@@ -4,15 +4,12 @@ A decode-only step launches a few hundred small kernels (about a dozen per layer
 Python each costs more CPU time than the GPU needs to run it. A CUDA graph records the whole forward
 once per batch size and replays it with one launch.
 
-A graph reads its inputs from fixed device addresses, so every captured forward is built over the
-same static buffers (token ids, positions, KV slots, page tables, context lengths); a step copies its
-values into them from pinned host memory and replays. A batch of `bs` sequences replays the graph of
-the smallest captured size >= bs; the padding rows get context length 0 (the decode kernel returns
-zeros for them), position 0 and KV slot 0, which lies in the scratch page no request ever owns.
+The graph's inputs live in the attention backend's static buffers (worker.executor.cuda_attention):
+`prepare_for_capture` gives the views a graph is captured over, `prepare_for_replay` copies a step's
+values into them. A batch of `bs` sequences replays the graph of the smallest captured size >= bs.
 
-Only the decode kernels' fields of the metadata are live in a graph (page tables, context lengths,
-KV slots): mixed and prefill steps, whose kernels size their launch grids from host-side lengths,
-always run eagerly.
+Only decode-only steps run here: mixed and prefill steps, whose kernels size their launch grids from
+host-side lengths, always run eagerly.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ from tqdm.auto import tqdm
 
 from kernels.attention_metadata import AttentionMetadata
 from worker.engine.forward_batch import ForwardBatch
-from worker.executor.base import resolve_future_tokens
+from worker.executor.cuda_attention import CudaAttentionBackend
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +47,7 @@ class DecodeGraphRunner:
     def __init__(
         self,
         forward: ForwardFn,
+        attention: CudaAttentionBackend,
         page_size: int,
         max_batch_size: int,
         max_pages_per_seq: int,
@@ -58,6 +56,7 @@ class DecodeGraphRunner:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         self.forward = forward
+        self.attention = attention
         self.page_size = page_size
         self.max_batch_size = max_batch_size
         self.max_pages_per_seq = max_pages_per_seq
@@ -65,72 +64,19 @@ class DecodeGraphRunner:
         self.batch_sizes: list[int] = []
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: torch.Tensor | None = None  # [max_batch_size, vocab] float32, written by every graph
-
-        n = max_batch_size
-        # Static device inputs. Rows of one int64 block: token ids, positions, KV slots.
-        self._tokens = torch.zeros(3, n, dtype=torch.int64, device=device)
-        self._seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        self._page_tables = torch.zeros(n, max_pages_per_seq, dtype=torch.int32, device=device)
-        self._page_table_stage = torch.zeros(n * max_pages_per_seq, dtype=torch.int32, device=device)
-        # Constant per-row fields of a decode step.
-        self._rows = torch.arange(n, dtype=torch.int64, device=device)
-        self._ones = torch.ones(n, dtype=torch.int32, device=device)
-        self._starts = torch.arange(n, dtype=torch.int32, device=device)
-        self._zeros = torch.zeros(n, dtype=torch.int32, device=device)
-        # Pinned host mirrors: a step fills these, then copies them in with non_blocking copies.
-        self._host_tokens = torch.zeros(3, n, dtype=torch.int64, pin_memory=True)
-        self._host_seq_lens = torch.zeros(n, dtype=torch.int32, pin_memory=True)
-        self._host_page_tables = torch.zeros(n * max_pages_per_seq, dtype=torch.int32, pin_memory=True)
-        self._np_tokens = self._host_tokens.numpy()
-        self._np_seq_lens = self._host_seq_lens.numpy()
-        self._np_page_tables = self._host_page_tables.numpy()
-        # Set after the copies of a step are queued: the host mirrors are rewritten only once it completed.
-        self._copied = torch.cuda.Event()
-        self._copied.record()
+        attention.allocate_graph_inputs(max_batch_size, max_pages_per_seq, page_size)
 
     # ------------------------------------------------------------------ capture
-    def _static_step(self, bs: int) -> tuple[ForwardBatch, AttentionMetadata]:
-        """The ForwardBatch and metadata of a `bs`-row decode step, as views of the static buffers."""
-        page_tables = self._page_tables[:bs]
-        batch = ForwardBatch(
-            input_ids=self._tokens[0, :bs],
-            positions=self._tokens[1, :bs],
-            out_slots=self._tokens[2, :bs],
-            page_tables=page_tables,
-            seq_lens=[1] * bs,  # host lists are never read on the graph path
-            extend_lens=[1] * bs,
-            logits_indices=self._rows[:bs],
-            num_decodes=bs,
-            page_size=self.page_size,
-        )
-        meta = AttentionMetadata(
-            page_tables=page_tables,
-            seq_lens=self._seq_lens[:bs],
-            extend_lens=self._ones[:bs],
-            prefix_lens=self._zeros[:bs],  # not read by the decode kernels
-            extend_starts=self._starts[:bs],
-            out_slots=self._tokens[2, :bs],
-            page_size=self.page_size,
-            num_decodes=bs,
-            max_extend_len=1,
-            max_seq_len=self.max_pages_per_seq * self.page_size,
-            seq_lens_list=[1] * bs,
-            extend_lens_list=[1] * bs,
-        )
-        return batch, meta
-
     def capture(self, progress: bool = True) -> None:
         """Capture a graph for every size of graph_batch_sizes(max_batch_size), largest first, so the
         smaller ones reuse the largest one's memory pool."""
         sizes = graph_batch_sizes(self.max_batch_size)
-        self._tokens.zero_()
-        self._seq_lens.zero_()  # every row is padding while capturing: context 0, slot 0 (scratch page)
-        self._page_tables.zero_()
+        self.attention.clear_graph_inputs()
         pool = None
         stream = torch.cuda.Stream(self.device)
         with tqdm(total=len(sizes), desc="Capturing CUDA graphs", unit="graph", disable=not progress) as bar:
             for bs in reversed(sizes):
-                batch, meta = self._static_step(bs)
+                batch, meta = self.attention.prepare_for_capture(bs)
                 # Warm up on a side stream (Triton compiles, cuBLAS picks its kernels) outside the capture.
                 stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(stream):
@@ -173,38 +119,11 @@ class DecodeGraphRunner:
     def run(self, batch: ForwardBatch, future_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Copy the step's inputs into the static buffers and replay; returns logits [bs, vocab].
 
-        `future_tokens`: see Executor.forward; references in the token ids are resolved on the device,
-        in the static buffer, before the replay. The result is a view of the graph's output buffer: the
+        `future_tokens`: see Executor.forward. The result is a view of the graph's output buffer: the
         next replay overwrites it.
         """
         bs = batch.batch_size
         graph_bs = self.padded_size(bs)
-        width = batch.page_tables.shape[1]
-        self._copied.synchronize()  # the previous step's copies have read the host mirrors
-
-        # numpy views of the pinned mirrors: an assignment costs ~1 us, a torch op ~5 us (this is per step).
-        tokens = self._np_tokens
-        positions = batch.positions.numpy()
-        tokens[0, :bs] = batch.input_ids.numpy()
-        tokens[1, :bs] = positions
-        tokens[2, :bs] = batch.out_slots.numpy()
-        seq_lens = self._np_seq_lens
-        seq_lens[:bs] = positions + 1  # a decode row's context ends with its new token
-        if graph_bs > bs:
-            tokens[:, bs:graph_bs] = 0
-            seq_lens[bs:graph_bs] = 0
-        self._np_page_tables[: bs * width] = batch.page_tables.numpy().reshape(-1)
-
-        # Whole dense blocks (a few KB): a strided host slice would go through a pageable temporary.
-        self._tokens.copy_(self._host_tokens, non_blocking=True)
-        self._seq_lens.copy_(self._host_seq_lens, non_blocking=True)
-        staged = self._page_table_stage[: bs * width]
-        staged.copy_(self._host_page_tables[: bs * width], non_blocking=True)
-        # Columns past `width` keep stale page ids: the kernel reads only the pages below seq_len.
-        self._page_tables[:bs, :width].copy_(staged.view(bs, width))
-        self._copied.record()
-        if future_tokens is not None:
-            ids = self._tokens[0, :bs]
-            ids.copy_(resolve_future_tokens(ids, future_tokens))
+        self.attention.prepare_for_replay(batch, graph_bs, future_tokens)
         self._graphs[graph_bs].replay()
         return self._logits[:bs]

@@ -23,9 +23,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # The template writes the BOS and other special tokens itself.
     prompt_ids = ctx.encode(prompt, add_special_tokens=False)
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    ctx.check_lengths(prompt_ids, chat.params, "messages", max_name)
-    ctx.check_capacity()
-    generation = ctx.new_generation(prompt_ids, chat.params)
+    generation = ctx.new_generation(prompt_ids, chat.params, param_names={"prompt": "messages", "max_tokens": max_name})
     generation.start()
     try:
         first = await generation.first_updates()  # raises ApiError when the engine refuses the request

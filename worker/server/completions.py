@@ -26,13 +26,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
     ctx.check_serving()
     many = len(completion.prompts) > 1
     prompt_ids = []
-    for p, prompt in enumerate(completion.prompts):
-        ids = ctx.encode(prompt) if isinstance(prompt, str) else prompt
-        ctx.check_lengths(ids, completion.params, f"prompt[{p}]" if many else "prompt")
-        prompt_ids.append(ids)
-    ctx.check_capacity(len(prompt_ids))
+    for prompt in completion.prompts:
+        prompt_ids.append(ctx.encode(prompt) if isinstance(prompt, str) else prompt)
     n = completion.params.n
-    generations = [ctx.new_generation(ids, completion.params, index_offset=p * n) for p, ids in enumerate(prompt_ids)]
+    generations = [
+        ctx.new_generation(ids, completion.params, index_offset=p * n,
+                           param_names={"prompt": f"prompt[{p}]"} if many else None)
+        for p, ids in enumerate(prompt_ids)
+    ]
     try:
         for generation in generations:
             generation.start()

@@ -10,8 +10,8 @@ from aiohttp import web
 
 from worker.config import EngineConfig
 from worker.sampling_params import SamplingParams
-from worker.server.engine_client import RETRY_AFTER_S, EngineClient
-from worker.server.errors import ApiError, bad_request, engine_unavailable, model_not_found, overloaded
+from worker.server.engine_client import EngineClient
+from worker.server.errors import ApiError, bad_request, engine_unavailable, model_not_found
 from worker.server.generation import Generation
 from worker.server.logprobs import TokenTexts
 from worker.server.metrics import WorkerMetrics
@@ -55,35 +55,15 @@ class ServerContext:
         if not self.client.healthy:
             raise engine_unavailable(self.client.dead_reason or "the engine is not ready")
 
-    def check_lengths(self, prompt_token_ids: list[int], params: SamplingParams, prompt_param: str,
-                      max_tokens_param: str = "max_tokens") -> None:
-        """A prompt over the context length, or one with no room for max_tokens, is a 400 naming the field."""
-        n = len(prompt_token_ids)
-        if n >= self.max_model_len:
-            raise bad_request(
-                prompt_param,
-                f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has {n} "
-                f"tokens. Shorten the {prompt_param}.",
-                code="context_length_exceeded",
-            )
-        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise bad_request(
-                max_tokens_param,
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion). "
-                f"Lower '{max_tokens_param}' to at most {self.max_model_len - n}.",
-                code="context_length_exceeded",
-            )
-
-    def check_capacity(self, new_requests: int = 1) -> None:
-        """503 + Retry-After when the waiting queue is full (counted here, before the engine sees it)."""
-        waiting = self.client.num_not_started
-        if waiting + new_requests > self.config.max_waiting_requests:
-            raise overloaded(RETRY_AFTER_S, waiting)
+    # The context length, the vocabulary and the waiting queue are checked by the engine alone (it owns
+    # those limits); a refusal comes back through Generation.first_updates() as the same 400 / 503.
 
     # ------------------------------------------------------------------ requests
-    def new_generation(self, prompt_token_ids: list[int], params: SamplingParams, index_offset: int = 0) -> Generation:
-        return Generation(self.client, self.tokenizer, prompt_token_ids, params, self.metrics, index_offset)
+    def new_generation(self, prompt_token_ids: list[int], params: SamplingParams, index_offset: int = 0,
+                       param_names: dict[str, str] | None = None) -> Generation:
+        """`param_names`: the request's names for the engine's fields ("prompt", "max_tokens") in its 400s."""
+        return Generation(self.client, self.tokenizer, prompt_token_ids, params, self.metrics, index_offset,
+                          param_names)
 
     def render_chat(self, messages: list[dict], tools: list | None, add_generation_prompt: bool = True,
                     template_kwargs: dict | None = None) -> str:

@@ -20,7 +20,20 @@ from dataclasses import dataclass
 
 from worker.config import EngineConfig
 from worker.engine.protocol import EngineOutput, EngineRequest, EngineStats
-from worker.server.engine_process import DEFAULT_ENGINE_FACTORY, decode_outputs, run_engine_process
+from worker.server.engine_messages import (
+    AbortRequests,
+    AddRequests,
+    Fatal,
+    Ready,
+    Rejected,
+    RejectKind,
+    Shutdown,
+    StartFailed,
+    StatsUpdate,
+    StepOutputs,
+    decode_outputs,
+)
+from worker.server.engine_process import DEFAULT_ENGINE_FACTORY, run_engine_process
 from worker.server.errors import ApiError, bad_request, engine_unavailable, internal_error, overloaded
 
 log = logging.getLogger("radixfleet.worker")
@@ -95,7 +108,10 @@ class EngineClient:
         self.stats: EngineStats | None = None
         self.dead_reason: str | None = None  # set once the engine process is gone
         self._streams: dict[str, RequestStream] = {}
-        self._outbox: list[tuple] = []
+        # Commands of this event-loop iteration, sent together by _flush.
+        self._adds: list[EngineRequest] = []
+        self._aborts: list[tuple[str, int | None]] = []
+        self._shutdown_asked = False
         self._flush_scheduled = False
         self._process = None
         self._commands = None
@@ -103,6 +119,14 @@ class EngineClient:
         self._ready: asyncio.Future | None = None
         self._stopping = False
         self.stats_listeners: list = []  # callables(stats) run on every stats update (metrics)
+        self._handlers = {
+            StepOutputs: self._on_step_outputs,
+            StatsUpdate: self._on_stats,
+            Rejected: self._on_rejected,
+            Ready: self._on_ready,
+            StartFailed: self._on_start_failed,
+            Fatal: self._on_fatal,
+        }
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> EngineInfo:
@@ -143,7 +167,7 @@ class EngineClient:
         if self._process is None:
             return
         if self.dead_reason is None:
-            self._send(("shutdown",))
+            self._shutdown_asked = True
             self._flush()
         deadline = self._loop.time() + timeout_s
         while self._process.is_alive() and self._loop.time() < deadline:
@@ -161,19 +185,20 @@ class EngineClient:
             raise engine_unavailable(self.dead_reason or "the worker is shutting down")
         stream = RequestStream(request.request_id, request.params.n)
         self._streams[request.request_id] = stream
-        self._send(("add", request))
+        self._adds.append(request)
+        self._schedule_flush()
         return stream
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV. Later outputs for it are dropped."""
         stream = self._streams.pop(request_id, None)
         if stream is not None and self.dead_reason is None:
-            self._send(("abort", (request_id, None)))
+            self._send_abort(request_id, None)
 
     def abort_choice(self, request_id: str, index: int) -> None:
         """Stop one choice of a request (a stop string ended it); the other choices go on."""
         if request_id in self._streams and self.dead_reason is None:
-            self._send(("abort", (request_id, index)))
+            self._send_abort(request_id, index)
 
     def release(self, request_id: str) -> None:
         """Forget a request that finished on its own."""
@@ -183,11 +208,6 @@ class EngineClient:
     def num_open_streams(self) -> int:
         return len(self._streams)
 
-    @property
-    def num_not_started(self) -> int:
-        """Requests sent to the engine that have produced no token yet (queued or in prefill)."""
-        return sum(1 for stream in self._streams.values() if not stream.started)
-
     def fail_all(self, error: ApiError) -> None:
         """End every open stream with `error` (used when the engine dies)."""
         streams, self._streams = self._streams, {}
@@ -195,25 +215,26 @@ class EngineClient:
             stream._fail(error)
 
     # ------------------------------------------------------------------ IPC: out
-    def _send(self, command: tuple) -> None:
-        """Queue a command; all commands of this loop iteration leave together in `_flush`."""
-        self._outbox.append(command)
+    def _send_abort(self, request_id: str, index: int | None) -> None:
+        self._aborts.append((request_id, index))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """All commands of this loop iteration leave together in `_flush`."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        commands, self._outbox = self._outbox, []
-        adds = [command[1] for command in commands if command[0] == "add"]
-        aborts = [command[1] for command in commands if command[0] == "abort"]
         messages = []
-        if adds:
-            messages.append(("add", adds))
-        if aborts:  # after the adds: a request added and aborted in one iteration ends aborted
-            messages.append(("abort", aborts))
-        if any(command[0] == "shutdown" for command in commands):
-            messages.append(("shutdown",))
+        if self._adds:
+            messages.append(AddRequests(self._adds))
+        if self._aborts:  # after the adds: a request added and aborted in one iteration ends aborted
+            messages.append(AbortRequests(self._aborts))
+        if self._shutdown_asked:
+            messages.append(Shutdown())
+        self._adds, self._aborts, self._shutdown_asked = [], [], False
         try:
             for message in messages:
                 self._commands.send(message)
@@ -234,44 +255,49 @@ class EngineClient:
         except RuntimeError:  # the event loop closed first (the frontend is exiting): nobody left to tell
             return
 
-    def _dispatch(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "out":
-            streams = self._streams
-            for output in decode_outputs(message[1]):
-                stream = streams.get(output.request_id)
-                if stream is not None:  # None: aborted by us, its late events are dropped
-                    stream._deliver(output)
-            if message[2] is not None:
-                self._set_stats(message[2])
-        elif kind == "stats":
-            self._set_stats(message[1])
-        elif kind == "rejected":
-            _, request_id, param, text, kind = message
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                if kind == "invalid":
-                    error = bad_request(param, text)
-                elif kind == "overloaded":
-                    error = overloaded(RETRY_AFTER_S, self.stats.num_waiting if self.stats else 0)
-                else:
-                    error = internal_error(text)
-                stream._fail(error)
-        elif kind == "ready":
-            info = message[1]
-            tokenizer = pickle.loads(info["tokenizer"]) if info.get("tokenizer") else None
-            self._set_stats(info["stats"])
-            if not self._ready.done():
-                self._ready.set_result(
-                    EngineInfo(info["model_name"], info["max_model_len"], info["pid"], info["model_path"], tokenizer)
-                )
-        elif kind == "failed":
-            self.dead_reason = "the engine failed to start"
-            if not self._ready.done():
-                self._ready.set_exception(EngineStartError(message[1]))
-        elif kind == "fatal":
-            log.error("engine loop crashed:\n%s", message[1])
-            self._on_engine_dead("the engine loop crashed: " + message[1].strip().splitlines()[-1])
+    def _dispatch(self, message) -> None:
+        self._handlers[type(message)](message)
+
+    def _on_step_outputs(self, message: StepOutputs) -> None:
+        streams = self._streams
+        for output in decode_outputs(message.outputs):
+            stream = streams.get(output.request_id)
+            if stream is not None:  # None: aborted by us, its late events are dropped
+                stream._deliver(output)
+        if message.stats is not None:
+            self._set_stats(message.stats)
+
+    def _on_stats(self, message: StatsUpdate) -> None:
+        self._set_stats(message.stats)
+
+    def _on_rejected(self, message: Rejected) -> None:
+        stream = self._streams.pop(message.request_id, None)
+        if stream is None:
+            return
+        if message.kind is RejectKind.INVALID:
+            error = bad_request(message.param, message.message, code=message.code)
+        elif message.kind is RejectKind.QUEUE_FULL:
+            error = overloaded(RETRY_AFTER_S, self.stats.num_waiting if self.stats else 0)
+        else:
+            error = internal_error(message.message)
+        stream._fail(error)
+
+    def _on_ready(self, message: Ready) -> None:
+        tokenizer = pickle.loads(message.tokenizer) if message.tokenizer else None
+        self._set_stats(message.stats)
+        if not self._ready.done():
+            self._ready.set_result(
+                EngineInfo(message.model_name, message.max_model_len, message.pid, message.model_path, tokenizer)
+            )
+
+    def _on_start_failed(self, message: StartFailed) -> None:
+        self.dead_reason = "the engine failed to start"
+        if not self._ready.done():
+            self._ready.set_exception(EngineStartError(message.traceback))
+
+    def _on_fatal(self, message: Fatal) -> None:
+        log.error("engine loop crashed:\n%s", message.traceback)
+        self._on_engine_dead("the engine loop crashed: " + message.traceback.strip().splitlines()[-1])
 
     def _set_stats(self, stats: EngineStats) -> None:
         self.stats = stats
@@ -294,5 +320,5 @@ class EngineClient:
         if self.dead_reason is not None:
             return 0
         for request_id in self._streams:
-            self._send(("abort", (request_id, None)))
+            self._send_abort(request_id, None)
         return len(self._streams)

@@ -1,4 +1,4 @@
-"""The engine loop in its own process, and the messages it exchanges with the HTTP frontend.
+"""The engine loop in its own process, fed by the HTTP frontend's commands and streaming its outputs back.
 
 Why a separate process: the scheduler loop (`LLMEngine.step()`) must never wait on HTTP work
 (JSON, detokenization, SSE writes), and one Python process cannot give it that guarantee
@@ -14,24 +14,12 @@ Outputs go through a sender thread fed by a `SimpleQueue`: `step()` results are 
 batched message per step and the loop continues at once, even when the frontend is slow to read
 (a full socket buffer blocks the sender thread, never the scheduler).
 
-Messages (tuples, pickled):
-  frontend -> engine: ("add", [EngineRequest, ...]) | ("shutdown",)
-                      ("abort", [(request_id, choice_index_or_None), ...])
-  engine -> frontend: ("ready", info: dict) | ("failed", traceback_text)
-                      ("out", [encoded EngineOutput, ...], EngineStats or None)   one per step
-                          (outputs travel as plain tuples: half the pickling cost of dataclasses, and
-                          pickling holds the engine process's GIL)
-                      ("stats", EngineStats)                      after commands handled while idle
-                      ("rejected", request_id, param_or_None, message, kind)
-                          kind: "invalid" (HTTP 400) | "overloaded" (HTTP 503) | "error" (HTTP 500)
-                      ("fatal", traceback_text)                   the loop crashed; the process exits
+The messages are the dataclasses of worker.server.engine_messages, pickled whole.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import operator
 import os
 import pickle
 import signal
@@ -43,20 +31,11 @@ from multiprocessing.connection import Connection
 from queue import SimpleQueue
 
 from worker.config import EngineConfig
-from worker.engine.protocol import EngineOutput, EngineStats
+from worker.engine.protocol import EngineStats, QueueFullError
 from worker.sampling_params import InvalidParameter
+from worker.server import engine_messages as msg
 
 DEFAULT_ENGINE_FACTORY = "worker.engine.llm_engine:LLMEngine"
-_OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(EngineOutput))
-_output_as_tuple = operator.attrgetter(*_OUTPUT_FIELDS)
-
-
-def encode_outputs(outputs: list[EngineOutput]) -> list[tuple]:
-    return [_output_as_tuple(output) for output in outputs]
-
-
-def decode_outputs(rows: list[tuple]) -> list[EngineOutput]:
-    return [EngineOutput(*row) for row in rows]
 IDLE_POLL_S = 0.5  # how long an idle engine sleeps in poll() before re-checking (commands wake it at once)
 STATS_INTERVAL_S = 0.05  # how often a busy engine refreshes the frontend's /load and /metrics figures
 
@@ -67,21 +46,20 @@ def load_factory(path: str):
     return getattr(importlib.import_module(module_name), attribute)
 
 
-def _engine_info(engine) -> dict:
+def _ready_message(engine) -> msg.Ready:
     """What the frontend needs to serve: names, limits, and the tokenizer (if it can be pickled)."""
-    info = {
-        "model_name": engine.model_name,
-        "max_model_len": engine.max_model_len,
-        "stats": engine.stats(),
-        "pid": os.getpid(),
-        "model_path": str(getattr(engine, "model_path", "") or ""),
-        "tokenizer": None,
-    }
     try:
-        info["tokenizer"] = pickle.dumps(engine.tokenizer)
+        tokenizer = pickle.dumps(engine.tokenizer)
     except Exception:  # the frontend then loads its own copy
-        info["tokenizer"] = None
-    return info
+        tokenizer = None
+    return msg.Ready(
+        model_name=engine.model_name,
+        max_model_len=engine.max_model_len,
+        pid=os.getpid(),
+        model_path=str(getattr(engine, "model_path", "") or ""),
+        stats=engine.stats(),
+        tokenizer=tokenizer,
+    )
 
 
 class _Sender:
@@ -93,7 +71,7 @@ class _Sender:
         self._thread = threading.Thread(target=self._run, name="engine-sender", daemon=True)
         self._thread.start()
 
-    def put(self, message: tuple) -> None:
+    def put(self, message) -> None:
         self._queue.put(message)
 
     def close(self) -> None:
@@ -123,27 +101,39 @@ class EngineLoop:
         self._last_stats = 0.0
         self.num_steps = 0
         self.step_seconds = 0.0  # inside engine.step(); the rest of the busy time is this loop's overhead
+        self._handlers = {
+            msg.AddRequests: self._add_all,
+            msg.AbortRequests: self._abort_all,
+            msg.Shutdown: self._shutdown,
+        }
 
-    def _handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "add":
-            for request in message[1]:
-                self._add(request)
-        elif kind == "abort":
-            for request_id, index in message[1]:
-                self.engine.abort_request(request_id, index)
-        elif kind == "shutdown":
-            self.running = False
+    def _handle(self, message) -> None:
+        self._handlers[type(message)](message)
+
+    def _add_all(self, message: msg.AddRequests) -> None:
+        for request in message.requests:
+            self._add(request)
+
+    def _abort_all(self, message: msg.AbortRequests) -> None:
+        for request_id, index in message.targets:
+            self.engine.abort_request(request_id, index)
+
+    def _shutdown(self, message: msg.Shutdown) -> None:
+        self.running = False
 
     def _add(self, request) -> None:
+        """The engine decides whether it takes a request (lengths, vocabulary, queue room); a refusal goes
+        back to that request's client and the loop goes on."""
         try:
             self.engine.add_request(request)
         except InvalidParameter as error:
-            self.sender.put(("rejected", request.request_id, error.param, error.message, "invalid"))
-        except Exception as error:  # noqa: BLE001 - reported to that request's client, the loop goes on
-            # QueueFullError (worker.engine.llm_engine) is matched by name so that test doubles need not import it.
-            kind = "overloaded" if type(error).__name__ == "QueueFullError" else "error"
-            self.sender.put(("rejected", request.request_id, None, f"{type(error).__name__}: {error}", kind))
+            code = getattr(error, "code", None)
+            self.sender.put(msg.Rejected(request.request_id, msg.RejectKind.INVALID, error.message, error.param, code))
+        except QueueFullError as error:
+            self.sender.put(msg.Rejected(request.request_id, msg.RejectKind.QUEUE_FULL, str(error)))
+        except Exception as error:  # noqa: BLE001
+            text = f"{type(error).__name__}: {error}"
+            self.sender.put(msg.Rejected(request.request_id, msg.RejectKind.ERROR, text))
 
     def _drain_commands(self, timeout: float) -> bool:
         """Apply every queued command; wait up to `timeout` for the first. True if any arrived."""
@@ -164,9 +154,9 @@ class EngineLoop:
                 outputs = self.engine.step()
                 self.step_seconds += time.perf_counter() - started
                 self.num_steps += 1
-                self.sender.put(("out", encode_outputs(outputs), self._stats_if_due()))
+                self.sender.put(msg.StepOutputs(msg.encode_outputs(outputs), self._stats_if_due()))
             elif got_commands:
-                self.sender.put(("stats", self.engine.stats()))
+                self.sender.put(msg.StatsUpdate(self.engine.stats()))
 
     def _stats_if_due(self) -> EngineStats | None:
         """EngineStats costs time (it walks the running requests' pages), so a busy engine sends them at
@@ -194,18 +184,18 @@ def run_engine_process(
     try:
         engine = load_factory(engine_factory)(config)
     except BaseException:  # noqa: BLE001 - any load failure must reach the frontend as text
-        sender.put(("failed", traceback.format_exc()))
+        sender.put(msg.StartFailed(traceback.format_exc()))
         sender.close()
         return
     loop = EngineLoop(engine, commands, sender)
     started = time.perf_counter()
     try:
-        sender.put(("ready", _engine_info(engine)))
+        sender.put(_ready_message(engine))
         loop.run()
     except (EOFError, OSError):
         pass  # the frontend went away: nothing to report to
     except BaseException:  # noqa: BLE001
-        sender.put(("fatal", traceback.format_exc()))
+        sender.put(msg.Fatal(traceback.format_exc()))
     finally:
         print(f"radixfleet engine: {loop.num_steps} steps, {loop.step_seconds:.2f} s in step() over "
               f"{time.perf_counter() - started:.2f} s up", file=sys.stderr, flush=True)

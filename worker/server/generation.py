@@ -65,6 +65,7 @@ class Generation:
         params: SamplingParams,
         metrics: WorkerMetrics | None = None,
         index_offset: int = 0,
+        param_names: dict[str, str] | None = None,
     ):
         self.client = client
         self.params = params
@@ -72,6 +73,7 @@ class Generation:
         self.request_id = uuid.uuid4().hex
         self.index_offset = index_offset  # choice i of this prompt is index_offset + i in the response
         self.metrics = metrics
+        self.param_names = param_names or {}  # engine field -> this request's field, for the engine's 400s
         self._texts = [ChoiceTextState(tokenizer, prompt_token_ids, params) for _ in range(params.n)]
         self._finished = [False] * params.n
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -119,8 +121,9 @@ class Generation:
     async def _next(self) -> list[ChoiceUpdate]:
         try:
             outputs = await self._stream.next_batch()
-        except ApiError:  # the engine refused the request or died: nothing left to abort or count
+        except ApiError as error:  # the engine refused the request or died: nothing left to abort or count
             self._finished = [True] * self.params.n
+            error.param = self.param_names.get(error.param, error.param)
             raise
         now = time.monotonic()
         updates: dict[int, ChoiceUpdate] = {}
