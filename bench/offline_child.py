@@ -5,7 +5,7 @@ PYTHONPATH must not see our top-level `kernels` package) and radixfleet from any
 tree under test is whatever `worker` resolves to on PYTHONPATH, which is how a before/after pair runs
 in one command). It reads a workload JSON written by bench/vs_vllm.py and writes one result JSON.
 
-Per sampling mode: one warm-up request, then `repeats` timed passes of the whole offline workload
+Per sampling mode: one warm-up request, then `repeats` timed passes of the offline workload, each on its own prompt set
 (output tokens / wall seconds). Decode time per token at batch B: the time of B requests with
 `decode_steps + 1` output tokens minus the time with 1 output token, over `decode_steps`.
 """
@@ -76,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
               "engine_options": options, "offline": [], "decode": []}
     rng = random.Random(work["seed"] + 7)
     warmup = [[rng.randrange(work["vocab"]) for _ in range(16)]]
+    sets = iter(work["runs"])  # a fresh prompt set for every timed pass: nothing is already cached
     for mode in work["sampling"]:
         sampling = _sampling(mode)
         runner.generate(warmup, [8], sampling)
         for run in range(1, work["repeats"] + 1):
-            seconds, tokens = _timed(runner, work["prompts"], work["output_lens"], sampling)
+            prompts = next(sets)
+            seconds, tokens = _timed(runner, prompts["prompts"], prompts["output_lens"], sampling)
             row = {"sampling": mode, "run": run, "seconds": seconds, "output_tokens": tokens,
                    "output_tok_s": tokens / seconds}
             result["offline"].append(row)

@@ -2,8 +2,9 @@
 
 The workload is nano-vllm's bench.py protocol: N sequences, prompt token ids random in [0, 10000),
 prompt and output lengths uniform in [min-len, max-len], ignore_eos, one warm-up request, output tokens
-over wall time; run greedy and sampled (temperature 0.6), each `--repeats` times (the second run of a
-workload should match the first). Then decode time per token at the given batch sizes.
+over wall time; run sampled (temperature 0.6) and greedy, each `--repeats` times with fresh prompt ids
+(seed, seed+1, ...; the same for every engine), so no repeat is served from the prefix cache of the one
+before (the second run of a workload should match the first). Then decode time per token at the given batch sizes.
 
 Each engine runs in its own process (bench/offline_child.py) on the same checkpoint folder and the same
 workload file, one after the other on the same GPU. `--engines` names what runs:
@@ -59,13 +60,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _workload(args, vocab: int) -> dict:
-    rng = random.Random(args.seed)
+    """One set of prompts per repeat (seed, seed+1, ...): the same distribution, different token ids, so a
+    repeat is not served from the prefix cache that the run before it filled."""
     top = min(args.token_id_max, vocab)
-    prompts, outputs = [], []
-    for _ in range(args.num_seqs):
-        prompts.append([rng.randrange(top) for _ in range(rng.randint(args.min_len, args.max_len))])
-        outputs.append(rng.randint(args.min_len, args.max_len))
-    return {"prompts": prompts, "output_lens": outputs}
+    runs = []
+    for repeat in range(args.repeats * len(args.sampling.split(","))):  # one set per (sampling mode, repeat)
+        rng = random.Random(args.seed + repeat)
+        prompts, outputs = [], []
+        for _ in range(args.num_seqs):
+            prompts.append([rng.randrange(top) for _ in range(rng.randint(args.min_len, args.max_len))])
+            outputs.append(rng.randint(args.min_len, args.max_len))
+        runs.append({"prompts": prompts, "output_lens": outputs})
+    return {"runs": runs}
 
 
 def _engine_options(args) -> dict:
