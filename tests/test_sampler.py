@@ -365,3 +365,38 @@ def test_seeded_sampling_on_cuda_is_batch_independent(settings):
 def test_greedy_on_cuda_is_argmax():
     logits = random_logits(8, 500).cuda()
     assert Sampler(500, "cuda")(logits, [state(temperature=0.0)] * 8).token_ids == logits.argmax(-1).tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seeded", [False, True])
+@pytest.mark.parametrize("settings", [dict(), dict(top_k=4), dict(top_p=0.8), dict(min_p=0.2)])
+def test_cuda_sampling_matches_the_reference_distribution(seeded, settings):
+    """The fused CUDA path draws from the same distribution as the CPU reference filters define."""
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0, 0.2, -0.2])
+    temperature, draws, vocab = 0.7, 20000, 8
+    if seeded:
+        states = [state(temperature=temperature, seed=3, output=[0] * i, **settings) for i in range(draws)]
+    else:
+        states = [state(temperature=temperature, **settings) for _ in range(draws)]
+    tokens = Sampler(vocab, "cuda", seed=5)(logits.expand(draws, vocab).cuda(), states).token_ids
+    counts = torch.bincount(torch.tensor(tokens), minlength=vocab).float()
+    scaled = (logits / temperature).unsqueeze(0)
+    if "top_k" in settings:
+        scaled = apply_top_k(scaled, [settings["top_k"]])
+    if "top_p" in settings:
+        scaled = apply_top_k_top_p(scaled, [vocab], [settings["top_p"]])
+    if "min_p" in settings:
+        scaled = apply_min_p(scaled, torch.tensor([[settings["min_p"]]]))
+    expected = torch.softmax(scaled[0], -1)
+    kept = expected > 0
+    assert counts[~kept].sum() == 0  # filtered tokens are never drawn
+    # at most 7 degrees of freedom: the 99.99th percentile is ~29.9
+    assert chi_square(counts[kept], expected[kept]) < 32
+
+
+@pytest.mark.gpu
+def test_cuda_mixed_batch_keeps_greedy_rows_exact():
+    logits = random_logits(64, 3000).cuda()
+    states = [state(temperature=0.0) if i % 2 else state(temperature=0.8, seed=i) for i in range(64)]
+    tokens = Sampler(3000, "cuda")(logits, states).token_ids
+    assert tokens[1::2] == logits[1::2].argmax(-1).tolist()

@@ -10,11 +10,17 @@ The pipeline, in vLLM's order (what users of the OpenAI-style API expect):
 3. temperature; a temperature of (almost) 0 means greedy: argmax of the penalised logits;
 4. top_k, then top_p (one descending sort of the rows that need either), then min_p;
 5. sampling by the exponential race: argmax(probs / E) with E ~ Exponential(1) i.i.d., which draws from
-   `probs` exactly and needs no cumulative sum.
+   `probs` exactly and needs no cumulative sum. On CUDA the race runs in log space in one fused kernel
+   (`kernels/triton_sampling.py`: Gumbel-max, greedy and random rows together, temperature applied
+   in the kernel), so no softmax, noise tensor or host sync is needed.
 
 Randomness. A request with a `seed` gets noise that depends on (seed, choice index, output position) only,
-through a generator re-seeded for that row, so its tokens do not depend on what else is in the batch, on
-its row, or on whether it was preempted and recomputed. Rows without a seed share one batch generator.
+so its tokens do not depend on what else is in the batch, on its row, or on whether it was preempted and
+recomputed. On CUDA that is a per-row Philox key given to the fused kernel; on the CPU a generator
+re-seeded for that row. Rows without a seed take fresh keys (CUDA) or share one batch generator (CPU).
+
+Host -> device uploads of per-row values go through pinned memory with non_blocking copies: a plain
+`torch.tensor(list, device="cuda")` waits for the GPU to drain, which would serialise overlap scheduling.
 
 Logprobs are taken from log_softmax of the raw logits handed to the sampler (before penalties and
 temperature), as vLLM reports them by default.
@@ -25,15 +31,21 @@ Stop conditions (eos, max_tokens, stop strings) are not decided here: the schedu
 
 from __future__ import annotations
 
-import math
+import random
 from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
 import torch
 
-from worker.engine.protocol import TokenLogprob
+from worker.engine.sampled_tokens import PendingSample, SampleResult
+from worker.engine.sampling_filters import apply_min_p, apply_top_k, apply_top_k_top_p, device_tensor
 from worker.sampling_params import SamplingParams
+
+__all__ = [  # the filters and PendingSample live in their own modules; importable from here as before
+    "PendingSample", "SampleResult", "Sampler", "SamplingState", "apply_min_p", "apply_top_k",
+    "apply_top_k_top_p", "row_seed",
+]
 
 # Temperatures below this are treated as greedy: dividing by them would overflow float32 logits.
 GREEDY_TEMPERATURE = 1e-5
@@ -59,76 +71,6 @@ class SamplingState:
     def blocks_stop_tokens(self) -> bool:
         """True while min_tokens forbids eos and stop token ids."""
         return len(self.output_token_ids) < self.params.min_tokens
-
-
-@dataclass
-class SampleResult:
-    token_ids: list[int]  # one per row
-    logprobs: list[TokenLogprob | None]  # one per row; None where the request did not ask for logprobs
-
-
-class PendingSample:
-    """A step's sampled tokens (and logprobs) on their way to the host.
-
-    Built by `Sampler.sample_async` right after the sampling kernels are queued: `token_ids` stays on the
-    device (the next step may read it there), and copies into pinned host memory are queued behind it with
-    an event. `result()` waits for that event only, so the host can prepare the next step in the meantime.
-    On the CPU everything is already done and `result()` just converts.
-    """
-
-    def __init__(self, token_ids: torch.Tensor, logprob_parts: tuple | None, logprob_rows: list[int],
-                 top_counts: list[int], num_rows: int):
-        self.token_ids = token_ids  # [B] int64 on the sampler's device
-        self._num_rows = num_rows
-        self._logprob_rows = logprob_rows
-        self._top_counts = top_counts
-        parts = (token_ids,) + (logprob_parts or ())
-        if token_ids.device.type == "cuda":
-            self._host = tuple(_to_pinned_host(t) for t in parts)
-            self._ready: torch.cuda.Event | None = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = parts
-            self._ready = None
-        self._result: SampleResult | None = None
-
-    def result(self) -> SampleResult:
-        """Wait for the copies (not for later work on the device) and return the tokens as Python ints."""
-        if self._result is None:
-            if self._ready is not None:
-                self._ready.synchronize()
-            tokens, *logprob_parts = self._host
-            logprobs: list[TokenLogprob | None] = [None] * self._num_rows
-            if self._logprob_rows:
-                entries = _logprob_entries(*logprob_parts, self._top_counts)
-                for row, entry in zip(self._logprob_rows, entries):
-                    logprobs[row] = entry
-            self._result = SampleResult(token_ids=tokens.tolist(), logprobs=logprobs)
-        return self._result
-
-
-def _to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    return host
-
-
-def _logprob_entries(
-    chosen: torch.Tensor, chosen_logprob: torch.Tensor, ranks: torch.Tensor,
-    top_values: torch.Tensor, top_ids: torch.Tensor, top_counts: list[int],
-) -> list[TokenLogprob]:
-    """Host tensors from `Sampler._logprob_tensors` -> one TokenLogprob per logprob row."""
-    chosen_list = chosen.tolist()
-    chosen_logprob_list = chosen_logprob.tolist()
-    ranks_list = ranks.tolist()
-    top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
-    entries = []
-    for j, k in enumerate(top_counts):
-        top = list(zip(top_ids_list[j][:k], top_values_list[j][:k])) if k > 0 else []
-        entries.append(
-            TokenLogprob(token_id=chosen_list[j], logprob=chosen_logprob_list[j], rank=ranks_list[j], top=top)
-        )
-    return entries
 
 
 def _splitmix64(value: int) -> int:
@@ -171,6 +113,9 @@ class Sampler:
         self._batch_generator.manual_seed(seed)
         # Re-seeded before every seeded row's draw; kept to avoid creating a generator per row per step.
         self._row_generator = torch.Generator(device=self.device)
+        # CUDA: fresh Philox keys for unseeded rows, from the engine seed (reproducible run to run).
+        self._key_source = random.Random(seed)
+        self._fused = self.device.type == "cuda"
 
     # ------------------------------------------------------------------ entry point
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SampleResult:
@@ -187,6 +132,8 @@ class Sampler:
         work = self._penalised(raw, states)
         if all(s.is_greedy for s in states):
             tokens = work.argmax(dim=-1)  # the fast path: no softmax, no sort, no noise
+        elif self._fused:
+            tokens = self._sample_fused(work, raw, states)
         else:
             tokens = self._sample_mixed(work, states)
 
@@ -226,11 +173,15 @@ class Sampler:
             raise ValueError(f"logits have {logits.shape[1]} columns, fewer than vocab_size={self.vocab_size}")
         return logits[:, : self.vocab_size]
 
+    def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A 1-D tensor of `values` on the sampler's device, queued without waiting for the device."""
+        return device_tensor(values, dtype, self.device)
+
     def _index(self, rows: list[int]) -> torch.Tensor:
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self._upload(rows, torch.long)
 
     def _float_column(self, values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=self.device).unsqueeze(1)
+        return self._upload(values, torch.float32).unsqueeze(1)
 
     # ------------------------------------------------------------------ penalties and masks
     def _token_counts(self, id_lists: list[list[int]]) -> torch.Tensor:
@@ -242,9 +193,12 @@ class Sampler:
         lengths = [len(ids) for ids in id_lists]
         # numpy.fromiter is several times faster than torch.tensor on long Python lists (prompts re-sent each step)
         flat_ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int64, count=sum(lengths))
-        flat = torch.from_numpy(flat_ids).to(self.device, non_blocking=True)
+        flat_host = torch.from_numpy(flat_ids)
+        if self.device.type == "cuda":
+            flat_host = flat_host.pin_memory()  # a pageable source would make the copy wait for the device
+        flat = flat_host.to(self.device, non_blocking=True)
         rows = torch.repeat_interleave(
-            torch.arange(len(id_lists), device=self.device), torch.tensor(lengths).to(self.device, non_blocking=True)
+            torch.arange(len(id_lists), device=self.device), self._upload(lengths, torch.long)
         )
         flat = torch.where((flat >= 0) & (flat < vocab), flat, vocab)
         counts = torch.bincount(rows * (vocab + 1) + flat, minlength=len(id_lists) * (vocab + 1))
@@ -284,6 +238,60 @@ class Sampler:
             logits[self._index(row_ids), self._index(col_ids)] = float("-inf")
 
     # ------------------------------------------------------------------ sampling
+    def _sample_fused(self, work: torch.Tensor, raw: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """CUDA: greedy and random rows in one Gumbel-max launch, temperature applied in the kernel.
+
+        Rows with top_k / top_p / min_p are divided by their temperature and filtered first (those filters
+        depend on the temperature), then enter the kernel with an inverse temperature of 1.
+        """
+        from kernels.triton_sampling import gumbel_argmax
+
+        vocab = self.vocab_size
+        inv_temperature, keys, is_random, filtered = [], [], [], []
+        for i, state in enumerate(states):
+            params = state.params
+            if state.is_greedy:
+                inv_temperature.append(1.0)
+                keys.append(0)
+                is_random.append(False)
+                continue
+            is_random.append(True)
+            if params.seed is not None:
+                keys.append(row_seed(params.seed, state.choice_index, len(state.output_token_ids)))
+            else:
+                keys.append(self._key_source.getrandbits(63))
+            if 0 < params.top_k < vocab or params.top_p < 1.0 or params.min_p > 0.0:
+                filtered.append(i)
+                inv_temperature.append(1.0)
+            else:
+                inv_temperature.append(1.0 / params.temperature)
+        if filtered:
+            if work.data_ptr() == raw.data_ptr():
+                work = work.clone()  # never modify the caller's logits
+            index = self._index(filtered)
+            sub = self._filtered(work.index_select(0, index), [states[i] for i in filtered])
+            work.index_copy_(0, index, sub)
+        return gumbel_argmax(
+            work, self._upload(inv_temperature, torch.float32), self._upload(keys, torch.long),
+            self._upload(is_random, torch.bool),
+        )
+
+    def _filtered(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """Random rows' logits divided by their temperature, then top_k, top_p and min_p applied."""
+        params = [s.params for s in states]
+        scaled = logits / self._float_column([p.temperature for p in params])
+        vocab = self.vocab_size
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in params]
+        if any(p != float("inf") for p in top_p):
+            scaled = apply_top_k_top_p(scaled, top_k, top_p)
+        elif any(k < vocab for k in top_k):
+            scaled = apply_top_k(scaled, top_k)
+        min_p = [p.min_p for p in params]
+        if any(m > 0.0 for m in min_p):
+            scaled = apply_min_p(scaled, self._float_column(min_p))
+        return scaled
+
     def _sample_mixed(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """Greedy rows take the argmax; the other rows are filtered and sampled together."""
         greedy_rows = [i for i, s in enumerate(states) if s.is_greedy]
@@ -299,19 +307,7 @@ class Sampler:
             tokens = None
             scaled = logits
 
-        params = [s.params for s in random_states]
-        scaled = scaled / self._float_column([p.temperature for p in params])
-        vocab = self.vocab_size
-        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in params]
-        if any(p != float("inf") for p in top_p):
-            scaled = apply_top_k_top_p(scaled, top_k, top_p)
-        elif any(k < vocab for k in top_k):
-            scaled = apply_top_k(scaled, top_k)
-        min_p = [p.min_p for p in params]
-        if any(m > 0.0 for m in min_p):
-            scaled = apply_min_p(scaled, self._float_column(min_p))
-
+        scaled = self._filtered(scaled, random_states)
         probs = torch.softmax(scaled, dim=-1)
         noise = self._exponential_noise(probs.shape, random_states)
         chosen = probs.div_(noise).argmax(dim=-1)
@@ -353,50 +349,3 @@ class Sampler:
         ranks = (logprobs > chosen_logprob).sum(dim=-1) + 1  # ties share the better rank
         top_values, top_ids = logprobs.topk(max(top_counts), dim=-1)  # k = 0 gives empty [R, 0] tensors
         return chosen, chosen_logprob.squeeze(1), ranks, top_values, top_ids
-
-
-# ---------------------------------------------------------------------- filters (pure functions on logits)
-def apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-    """Mask (to -inf) all but each row's `top_k` best tokens (`top_k[r] >= V` disables it for row r).
-
-    Cheaper than a full sort when top_p is not in play: one topk of the largest k. Tokens tied with the
-    k-th best are kept too.
-    """
-    vocab = logits.shape[1]
-    largest = max(k for k in top_k if k < vocab)
-    best = logits.topk(largest, dim=-1).values
-    k = torch.tensor([min(k, largest) for k in top_k], dtype=torch.long, device=logits.device).unsqueeze(1)
-    threshold = best.gather(1, k - 1)
-    disabled = torch.tensor([k >= vocab for k in top_k], device=logits.device).unsqueeze(1)
-    threshold = threshold.masked_fill(disabled, float("-inf"))
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
-def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Mask (to -inf) all but each row's `top_k` best tokens, then all but its top_p nucleus.
-
-    One descending sort serves every row. `top_k[r] >= V` disables top_k for row r and `top_p[r] = inf`
-    disables top_p. The nucleus keeps a token while the probability mass of the tokens ranked strictly above
-    it is below top_p (so the best token is always kept), computed after top_k, as in vLLM.
-    """
-    vocab = logits.shape[1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor(top_k, dtype=torch.long, device=logits.device).unsqueeze(1)
-    if any(value < vocab for value in top_k):  # decided from the host lists: no device sync
-        ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-        sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
-    p = torch.tensor(top_p, dtype=torch.float32, device=logits.device).unsqueeze(1)
-    if any(math.isfinite(value) for value in top_p):
-        probs = torch.softmax(sorted_logits, dim=-1)
-        mass_above = probs.cumsum(dim=-1) - probs
-        outside = mass_above >= p
-        outside[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
-
-
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Mask tokens whose probability is below `min_p` (a [R, 1] column) times their row's best probability."""
-    probs = torch.softmax(logits, dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * min_p
-    return logits.masked_fill(probs < threshold, float("-inf"))
