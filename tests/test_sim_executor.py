@@ -3,8 +3,8 @@
 import time
 
 import pytest
-
 from sim_helpers import write_profile
+
 from worker.config import ConfigError, EngineConfig
 from worker.engine.llm_engine import LLMEngine
 from worker.engine.protocol import EngineRequest

@@ -10,8 +10,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from sim_helpers import write_profile
+
 from worker.config import EngineConfig
 from worker.server.launcher import WorkerProcess
 from worker.sim_fleet import SimFleet

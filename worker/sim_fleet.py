@@ -29,46 +29,60 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from worker.config import ConfigError, EngineConfig
-from worker.engine.protocol import EngineRequest, EngineStats
+from worker.engine.protocol import EngineRequest
 from worker.sampling_params import InvalidParameter
-from worker.server.engine_client import RETRY_AFTER_S, EngineInfo, RequestStream
-from worker.server.errors import ApiError, bad_request, engine_unavailable, internal_error, overloaded
+from worker.server.engine_client import (
+    RETRY_AFTER_S,
+    EngineClient,
+    EngineInfo,
+    RequestStream,
+)
+from worker.server.errors import (
+    ApiError,
+    bad_request,
+    engine_unavailable,
+    internal_error,
+    overloaded,
+)
 
 log = logging.getLogger("radixfleet.sim_fleet")
 
 STATS_INTERVAL_S = 0.05  # as the engine process: a busy engine refreshes /load at most this often
+TIMER_SLACK_S = 0.002  # lateness of a wake-up that is carried into the next step rather than lost
 
 
-class InProcessEngineClient:
-    """The frontend's handle on an engine stepped in this event loop (the EngineClient interface)."""
+class InProcessEngineClient(EngineClient):
+    """The frontend's handle on an engine stepped in this event loop.
+
+    An EngineClient (the streams' bookkeeping, health, stats listeners are inherited) whose engine lives in
+    this process: requests and aborts are applied to it directly, between steps, instead of over a pipe.
+    """
 
     def __init__(self, engine):
+        super().__init__(engine.config)
         self.engine = engine
         self.executor = engine.executor
         self.info = EngineInfo(engine.model_name, engine.max_model_len, os.getpid(), str(engine.model_path),
                                engine.tokenizer)
-        self.stats: EngineStats | None = engine.stats()
-        self.stats_listeners: list = []
-        self.dead_reason: str | None = None
-        self._streams: dict[str, RequestStream] = {}
+        self.stats = engine.stats()
         self._work = asyncio.Event()
-        self._stopping = False
         self._last_stats = 0.0
+        self._deadline: float | None = None  # perf_counter time at which the last step's tokens were due
         self._task: asyncio.Task | None = None
         self.busy_seconds = 0.0  # host time spent inside engine.step()
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="sim-engine")
+    def start(self) -> None:  # not a coroutine: nothing to wait for
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="sim-engine")
 
     @property
-    def healthy(self) -> bool:
-        return self.dead_reason is None and not self._stopping
+    def pid(self) -> int:
+        return os.getpid()
 
     async def shutdown(self, timeout_s: float = 5.0) -> None:
         self._stopping = True
         self.abort_in_engine()
-        self._work.set()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -77,7 +91,7 @@ class InProcessEngineClient:
                 pass
         self.engine.shutdown()
 
-    # ------------------------------------------------------------------ requests (EngineClient interface)
+    # ------------------------------------------------------------------ requests
     def submit(self, request: EngineRequest) -> RequestStream:
         if not self.healthy:
             raise engine_unavailable(self.dead_reason or "the worker is shutting down")
@@ -110,30 +124,14 @@ class InProcessEngineClient:
             self.engine.abort_request(request_id, index)
             self._work.set()
 
-    def release(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
-
-    @property
-    def num_open_streams(self) -> int:
-        return len(self._streams)
-
-    @property
-    def num_not_started(self) -> int:
-        return sum(1 for stream in self._streams.values() if not stream.started)
-
-    def fail_all(self, error: ApiError) -> None:
-        streams, self._streams = self._streams, {}
-        for stream in streams.values():
-            stream._fail(error)
-
     def abort_in_engine(self) -> int:
         for request_id in list(self._streams):
             self.engine.abort_request(request_id)
+        self._work.set()
         return len(self._streams)
 
     # ------------------------------------------------------------------ the engine loop
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 if not self.engine.has_unfinished():
@@ -141,11 +139,18 @@ class InProcessEngineClient:
                     self._work.clear()
                     await self._work.wait()
                     continue
-                started = loop.time()
+                started = time.perf_counter()
+                # A timer fires up to a millisecond late (the loop's clock has that grain): a step that
+                # follows the previous one at once starts, in modelled time, when that one ended.
+                origin = started
+                if self._deadline is not None and 0 <= started - self._deadline < TIMER_SLACK_S:
+                    origin = self._deadline
                 outputs = self.engine.step()
-                self.busy_seconds += loop.time() - started
-                # the step's tokens exist once its modelled time has passed (time already spent counts)
-                remaining = started + self.executor.take_deferred_seconds() - loop.time()
+                done = time.perf_counter()
+                self.busy_seconds += done - started
+                # the step's tokens exist once its modelled time has passed (host time already spent counts)
+                self._deadline = origin + self.executor.take_deferred_seconds()
+                remaining = self._deadline - done
                 if remaining > 0:
                     await asyncio.sleep(remaining)
                 else:
@@ -154,7 +159,7 @@ class InProcessEngineClient:
                     stream = self._streams.get(output.request_id)
                     if stream is not None:
                         stream._deliver(output)
-                now = loop.time()
+                now = time.monotonic()
                 if now - self._last_stats >= STATS_INTERVAL_S:
                     self._last_stats = now
                     self._set_stats(self.engine.stats())
@@ -164,11 +169,6 @@ class InProcessEngineClient:
             log.exception("sim engine loop crashed")
             self.dead_reason = f"the engine loop crashed: {type(error).__name__}: {error}"
             self.fail_all(engine_unavailable(self.dead_reason))
-
-    def _set_stats(self, stats: EngineStats) -> None:
-        self.stats = stats
-        for listener in self.stats_listeners:
-            listener(stats)
 
 
 @dataclass

@@ -23,9 +23,11 @@ Every row is the same constant: one ordinary text token a little above the rest 
 eos ids far below, at the odds `eos_probability` per token under temperature-1 sampling. So outputs run to
 max_tokens unless a sampled eos ends one early, as rarely as with a random-weight model.
 
-Waiting: a standalone worker's engine process sleeps the modelled time in forward() (no CPU burnt). A host
-that steps many engines in one event loop sets `defer_wait`; forward() then returns at once and adds the
-modelled time to `deferred_seconds`, which the host awaits before delivering the step's outputs.
+Waiting: a step lasts max(the host's own work for it, the modelled time), as with the CUDA engine's overlap
+scheduling. A standalone worker's engine process sleeps in forward() (no CPU burnt) for the modelled time
+less the host CPU time spent since the previous forward. A host that steps many engines in one event loop
+sets `defer_wait`; forward() then returns at once and adds the modelled time to `deferred_seconds`, which
+the host awaits (from the step's start) before delivering the step's outputs.
 
 The interface used (documented, so it adapts when executors move to a registry): `SimExecutor(model_path,
 config)` with `config` an EngineConfig (sim_profile, kv_cache_tokens, mem_fraction, page_size read), and
@@ -149,6 +151,7 @@ class SimExecutor(Executor):
         self.page_size: int | None = None
         self.defer_wait = False  # set by a host that awaits the modelled time itself (worker.sim_fleet)
         self.deferred_seconds = 0.0
+        self._cpu_at_return: float | None = None  # this thread's CPU time when forward() last returned
         self.num_steps = 0
         self.modelled_seconds = 0.0  # total modelled step time so far
 
@@ -193,13 +196,9 @@ class SimExecutor(Executor):
         return torch.device("cpu")
 
     def num_kv_pages(self, page_size: int) -> int:
-        if page_size <= 0:
-            raise ValueError(f"page_size must be positive, got {page_size}")
-        return self.kv_cache_tokens // page_size
+        return self.kv_cache_tokens // page_size  # page_size is checked by EngineConfig.validate
 
     def init_kv_cache(self, num_pages: int, page_size: int) -> None:
-        if num_pages <= 0 or page_size <= 0:
-            raise ValueError(f"num_pages and page_size must be positive, got {num_pages}, {page_size}")
         self.page_size = page_size  # nothing to allocate: the radix cache's page ids are all we need
 
     def step_seconds(self, batch: ForwardBatch) -> float:
@@ -214,8 +213,16 @@ class SimExecutor(Executor):
         self.modelled_seconds += seconds
         if self.defer_wait:
             self.deferred_seconds += seconds
-        elif seconds > 0:
-            time.sleep(seconds)
+        else:
+            # The CUDA engine prepares the next step on the host while the GPU runs this one (overlap
+            # scheduling), so a step lasts max(host work, device time). The host work since the previous
+            # forward returned (this thread's CPU time: waiting for requests does not count) is credited.
+            now_cpu = time.thread_time()
+            host = now_cpu - self._cpu_at_return if self._cpu_at_return is not None else 0.0
+            wait = seconds - min(host, seconds)
+            if wait > 0:
+                time.sleep(wait)
+            self._cpu_at_return = time.thread_time()
         return self._rows(int(batch.logits_indices.shape[0]))
 
     def take_deferred_seconds(self) -> float:

@@ -18,6 +18,7 @@ a step faster than an empty one), so a feature the data cannot resolve simply ge
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,7 +71,7 @@ class CostModel:
         values = []
         for name in FEATURES:
             value = coefficients.get(name, 0.0)
-            if not isinstance(value, (int, float)) or value < 0 or value != value:
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"cost model coefficient {name!r} must be a non-negative number, got {value!r}")
             values.append(float(value))
         return cls(tuple(values))
