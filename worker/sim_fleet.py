@@ -13,7 +13,9 @@ only waits for the modelled step time. So this host runs, in one asyncio event l
 engine process) with the same methods, applying requests and aborts straight to the engine between steps.
 
 Fidelity: a step lasts max(modelled time, the host's own time for it). While the host CPU keeps up (check
-the `host_busy` figure printed every --report-s), timing is as modelled.
+the `host_busy` figure printed every --report-s), timing is as modelled. When it does not (128 workers
+under load on 2 cores), `--time-scale S` stretches every modelled step S times: the fleet then behaves
+like the modelled one in slow motion (latencies x S, req/s / S), with the host's share S times smaller.
 """
 
 from __future__ import annotations
@@ -186,9 +188,12 @@ class SimFleet:
     """`num_workers` sim workers on ports base_port, base_port + 1, ... (0: free ports picked by the OS)."""
 
     def __init__(self, config: EngineConfig, num_workers: int, base_port: int = 0, host: str = "127.0.0.1",
-                 served_model_names: list[str] | None = None):
+                 served_model_names: list[str] | None = None, time_scale: float = 1.0):
         if num_workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {num_workers}")
+        if not (time_scale > 0):
+            raise ConfigError(f"--time-scale must be positive, got {time_scale}")
+        self.time_scale = float(time_scale)
         if config.executor != "sim":
             config.executor = "sim"
         self.config = config.validate()
@@ -216,6 +221,7 @@ class SimFleet:
             for i in range(self.num_workers):
                 executor = probe if i == 0 else SimExecutor(model_path, self.config, profile=profile)
                 executor.defer_wait = True
+                executor.time_scale = self.time_scale
                 engine = LLMEngine(self.config, executor=executor)
                 client = InProcessEngineClient(engine)
                 ctx = ServerContext(self.config, client, engine.tokenizer, engine.model_name, engine.max_model_len,
@@ -260,6 +266,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--urls-file", default=None, metavar="PATH",
                         help="write the worker URLs there, one a line, once all are up (for the router)")
+    parser.add_argument("--time-scale", type=float, default=1.0, metavar="S",
+                        help="run every modelled step S times slower, for hosts too busy to keep up with the "
+                             "modelled GPU (then divide measured latencies by S and multiply req/s by S)")
     parser.add_argument("--report-s", type=float, default=10.0,
                         help="print fleet figures this often (0: never)")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
@@ -284,7 +293,8 @@ async def _serve(fleet: SimFleet, args: argparse.Namespace) -> int:
         with open(args.urls_file, "w") as handle:
             handle.write("\n".join(urls) + "\n")
     print(f"radixfleet sim-fleet: {len(urls)} sim workers ready in {time.perf_counter() - started:.1f} s, "
-          f"{urls[0]} .. {urls[-1]} (profile {fleet.workers[0].client.executor.profile.name!r})",
+          f"{urls[0]} .. {urls[-1]} (profile {fleet.workers[0].client.executor.profile.name!r}, "
+          f"time scale {fleet.time_scale:g})",
           file=sys.stderr, flush=True)
     last_busy, last_time = 0.0, time.perf_counter()
     while not stop.is_set():
@@ -311,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
     args.executor, args.device = "sim", "cpu"
     try:
         config = engine_config_from_args(args)
-        fleet = SimFleet(config, args.workers, args.base_port, args.host)
+        fleet = SimFleet(config, args.workers, args.base_port, args.host, time_scale=args.time_scale)
     except ConfigError as error:
         print(f"radixfleet sim-fleet: {error}", file=sys.stderr)
         return 2

@@ -17,11 +17,14 @@ GPU memory the worker had, so the KV capacity can follow `--mem-fraction` as on 
 KV capacity: `--kv-cache-tokens` when it is given (differs from its default), else the profile's memory
 model at `--mem-fraction` (GPU total * fraction - weights - reserved), else the `--kv-cache-tokens` default.
 
-Logits: the sampler sees only the first `logits_vocab_size` ids (the tokenizer's, at most MAX_SIM_VOCAB), so
-sampling costs O(that) per row rather than O(model vocab); the engine builds its sampler with that size.
-Every row is the same constant: one ordinary text token a little above the rest (greedy repeats it), the
-eos ids far below, at the odds `eos_probability` per token under temperature-1 sampling. So outputs run to
-max_tokens unless a sampled eos ends one early, as rarely as with a random-weight model.
+Logits: the sampler sees only the first `logits_vocab_size` ids, so sampling costs O(that) per row rather
+than O(model vocab): on a small CPU, drawing noise over 3k ids for every row is most of a step's host time.
+Every row is the same constant: one ordinary text token a little above the rest (greedy repeats it).
+End of sequence: by default the first SIM_VOCAB ids only, which hold no eos id in the built-in tokenizers,
+so outputs run to max_tokens, as with the random-weight models the GPU figures are measured on (where eos
+has odds of about 1 in 128k per token). A profile with `sampling.eos_probability` > 0 widens the ids to
+cover the eos ids (at most MAX_SIM_VOCAB) and gives them those odds per token under temperature-1 sampling,
+so a sampled eos ends some outputs early; ignore_eos and min_tokens apply as usual.
 
 Waiting: a step lasts max(the host's own work for it, the modelled time), as with the CUDA engine's overlap
 scheduling. A standalone worker's engine process sleeps in forward() (no CPU burnt) for the modelled time
@@ -53,7 +56,8 @@ from worker.executor.sim_cost_model import CostModel, StepShape
 log = logging.getLogger(__name__)
 
 PROFILES_DIR = Path(__file__).resolve().parent / "sim_profiles"
-MAX_SIM_VOCAB = 8192  # beyond this the sampler's per-row cost would matter on a small CPU
+SIM_VOCAB = 512  # ids the sampler draws from by default
+MAX_SIM_VOCAB = 8192  # with eos odds: beyond this the sampler's per-row cost would matter on a small CPU
 KV_ELEMENT_BYTES = 2  # bfloat16 K/V, as the CUDA executor stores them
 
 
@@ -144,11 +148,14 @@ class SimExecutor(Executor):
         self.profile = profile
         self.model_config = ModelConfig.from_folder(model_path)
         tokenizer = Tokenizer.from_folder(model_path)
-        self.logits_vocab_size = min(self.model_config.vocab_size, tokenizer.vocab_size, MAX_SIM_VOCAB)
+        self.logits_vocab_size = self._sampled_vocab(tokenizer)
         self._row = self._constant_logits(tokenizer)
         self._logits = self._row.unsqueeze(0).expand(1, -1).contiguous()
         self.kv_cache_tokens = self._kv_budget_tokens()
         self.page_size: int | None = None
+        # every modelled time is multiplied by this (a host too slow for the modelled GPU runs a slowed-down
+        # fleet faithfully: latencies come out time_scale times longer, throughput time_scale times lower)
+        self.time_scale = 1.0
         self.defer_wait = False  # set by a host that awaits the modelled time itself (worker.sim_fleet)
         self.deferred_seconds = 0.0
         self._cpu_at_return: float | None = None  # this thread's CPU time when forward() last returned
@@ -174,18 +181,24 @@ class SimExecutor(Executor):
                 "has no room for KV after the weights; raise --mem-fraction or give --kv-cache-tokens")
         return tokens
 
+    def _sampled_vocab(self, tokenizer) -> int:
+        vocab = min(self.model_config.vocab_size, tokenizer.vocab_size)
+        if self.profile.eos_probability:  # eos wanted: cover the eos ids
+            return min(vocab, max(SIM_VOCAB, max(tokenizer.eos_token_ids, default=0) + 1), MAX_SIM_VOCAB)
+        return min(vocab, SIM_VOCAB)
+
     def _constant_logits(self, tokenizer) -> torch.Tensor:
         vocab = self.logits_vocab_size
         eos_ids = sorted({i for i in tokenizer.eos_token_ids if 0 <= i < vocab})
-        if len(eos_ids) < len(set(tokenizer.eos_token_ids)):
-            log.info("sim: eos ids past the first %d ids are never sampled", vocab)
-        filler = next((i for i in tokenizer.encode(" the", add_special_tokens=False) if i < vocab), 0)
+        if self.profile.eos_probability and len(eos_ids) < len(set(tokenizer.eos_token_ids)):
+            log.warning("sim: eos ids past the first %d ids are never sampled", vocab)
+        filler = next((i for i in tokenizer.encode(" the", add_special_tokens=False) if i < vocab), None)
+        if filler is None:  # an id that is text (a special token would decode to nothing)
+            filler = next((i for i in range(vocab) if i not in eos_ids and tokenizer.decode([i]).strip()), 0)
         row = torch.zeros(vocab, dtype=torch.float32)
         row[filler] = 1.0  # greedy picks an ordinary word, not a special token at id 0
+        p = self.profile.eos_probability or 0.0
         if eos_ids:
-            p = self.profile.eos_probability
-            if p is None:  # the odds of a model that spreads its probability evenly over the model vocab
-                p = len(eos_ids) / self.model_config.vocab_size
             others = (vocab - len(eos_ids) - 1) + math.e  # softmax mass of the non-eos ids
             row[eos_ids] = math.log(p * others / (len(eos_ids) * (1 - p))) if p > 0 else float("-inf")
         return row
@@ -203,7 +216,7 @@ class SimExecutor(Executor):
 
     def step_seconds(self, batch: ForwardBatch) -> float:
         shape = StepShape.from_lengths(batch.seq_lens, batch.extend_lens, batch.num_decodes)
-        return self.profile.cost_model.step_seconds(shape)
+        return self.profile.cost_model.step_seconds(shape) * self.time_scale
 
     def forward(self, batch: ForwardBatch, future_tokens: torch.Tensor | None = None) -> torch.Tensor:
         if self.page_size is None:
