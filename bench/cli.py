@@ -15,6 +15,7 @@ BENCHMARKS = {
     "router": ("bench.router_bench", "router overhead against instant stand-in workers"),
     "cache-hit": ("bench.cache_hit_bench", "multi-turn chat cache-hit rate per routing policy"),
     "tree": ("bench.tree_bench", "router tree lookup cost and memory at 100k+ prompts"),
+    "calibrate": ("bench.calibrate", "fit the sim executor's step-time cost model from real engine steps (GPU)"),
     "kernels": ("bench.kernel_bench", "Triton attention kernels against torch (GPU)"),
     "vs-vllm": ("bench.vs_vllm", "radixfleet and vLLM offline on the same checkpoint and workload (GPU)"),
 }

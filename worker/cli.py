@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "router": ("router.cli", "start the cache-aware router in front of running workers"),
     "generate": ("worker.generate_cli", "offline generation from the command line"),
     "make-checkpoint": ("worker.models.checkpoint_cli", "write a built-in model as a Hugging Face folder"),
+    "sim-fleet": ("worker.sim_fleet", "start many sim workers (cost-model executor) in one process"),
     "bench": ("bench.cli", "run a benchmark (engine, serve, router, cache-hit)"),
 }
 

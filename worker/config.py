@@ -21,6 +21,7 @@ class EngineConfig:
     model: str = "demo"  # a local Hugging Face folder or a built-in name (see worker.models.registry)
     device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
     executor: str = "auto"  # auto follows the device; "sim" runs a cost model with no tensors
+    sim_profile: str | None = None  # sim: a calibration JSON path or built-in name (worker.executor.sim)
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     page_size: int = 16
     # KV budget: on CPU (and sim) an explicit token count; on CUDA a fraction of free GPU memory.

@@ -78,7 +78,8 @@ class LLMEngine:
 
         self.config = config.validate()
         self.model_name = config.model
-        self.model_path = resolve_model(config.model, progress=config.progress)
+        # the sim executor needs no weights: a built-in name then gives only its config and tokenizer
+        self.model_path = resolve_model(config.model, progress=config.progress, weights=config.executor != "sim")
         self.model_config = ModelConfig.from_folder(self.model_path)
         self.tokenizer = Tokenizer.from_folder(self.model_path)
         self.max_model_len = config.context_length(self.model_config.max_model_len)
@@ -90,7 +91,9 @@ class LLMEngine:
         self.cache = RadixCache(PagePool(num_pages, config.page_size), enabled=config.enable_prefix_cache)
         self.kv_tokens_total = num_pages * config.page_size
         self.scheduler = Scheduler(scheduler_config(config, self.max_model_len), self.cache)
-        self.sampler = Sampler(self.model_config.vocab_size, self.executor.device, seed=config.seed)
+        # an executor may return logits over only the first `logits_vocab_size` ids (sim: a small vocab)
+        sampler_vocab = getattr(self.executor, "logits_vocab_size", None) or self.model_config.vocab_size
+        self.sampler = Sampler(sampler_vocab, self.executor.device, seed=config.seed)
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids)))
         self._eos_set = frozenset(self.eos_token_ids)
         self._requests: dict[str, list[Sequence]] = {}  # request_id -> its choices

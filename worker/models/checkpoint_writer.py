@@ -251,6 +251,25 @@ def write_checkpoint(preset_name: str, out_dir: str | os.PathLike, seed: int = 0
     return out_dir
 
 
+def write_config_and_tokenizer(preset_name: str, out_dir: str | os.PathLike) -> Path:
+    """Write only the config, generation config and tokenizer files of a preset (no weights): what the
+    sim executor needs. Atomic like `write_checkpoint`; an existing non-empty `out_dir` raises FileExistsError."""
+    preset = get_preset(preset_name)
+    out_dir = Path(out_dir)
+    if _is_nonempty_dir(out_dir):
+        raise FileExistsError(f"{out_dir} already exists and is not empty; remove it or choose another folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    temp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    temp_dir.chmod(0o755)
+    try:
+        _write_metadata(preset, preset.hf_config(), temp_dir)
+        _move_into_place(temp_dir, out_dir, overwrite=False)
+    finally:
+        if temp_dir.exists():
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    return out_dir
+
+
 def _is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 

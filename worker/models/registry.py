@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from worker.models.checkpoint_writer import write_checkpoint
+from worker.models.checkpoint_writer import write_checkpoint, write_config_and_tokenizer
 from worker.models.presets import is_preset, preset_names
 
 DEFAULT_HOME = "~/.cache/radixfleet"
@@ -31,13 +31,16 @@ def builtin_model_dir(name: str) -> Path:
     return radixfleet_home() / "models" / f"{name}-seed{BUILTIN_SEED}"
 
 
-def resolve_model(name_or_path: str, progress: bool = True) -> Path:
-    """The checkpoint folder for a `--model` value: a folder, or a built-in name (written on first use)."""
+def resolve_model(name_or_path: str, progress: bool = True, weights: bool = True) -> Path:
+    """The checkpoint folder for a `--model` value: a folder, or a built-in name (written on first use).
+
+    `weights=False` (the sim executor): a built-in name gives a folder with only its config and tokenizer.
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if is_preset(name_or_path):
-        return _materialise(name_or_path, progress)
+        return _materialise(name_or_path, progress) if weights else _materialise_config(name_or_path)
     raise ValueError(
         f"--model {name_or_path!r} is neither an existing folder nor a built-in model; give the path of a "
         f"Hugging Face checkpoint folder or one of the built-ins: {', '.join(preset_names())}"
@@ -67,6 +70,18 @@ def _materialise(name: str, progress: bool) -> Path:
             # A process that does not take the lock (e.g. another radixfleet version) finished first.
             if not _is_complete(folder):
                 raise
+    return folder
+
+
+def _materialise_config(name: str) -> Path:
+    """A built-in model's config + tokenizer files, without weights, in ``<home>/models/<name>-config``."""
+    folder = radixfleet_home() / "models" / f"{name}-config"
+    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(folder.parent / f".{folder.name}.lock"):
+        if not (folder / "config.json").is_file():
+            write_config_and_tokenizer(name, folder)
     return folder
 
 

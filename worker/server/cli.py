@@ -22,6 +22,7 @@ _HELP = {
     "device": "auto: cuda when a GPU is visible, else cpu",
     "executor": "auto follows the device; sim runs a cost model with no tensors",
     "kv_cache_tokens": "KV budget in tokens (cpu and sim executors)",
+    "sim_profile": "sim executor: calibration JSON (radixfleet bench calibrate) or built-in name, e.g. h200-llama3-8b",
     "mem_fraction": "fraction of free GPU memory the KV pool may take (cuda)",
     "max_num_batched_tokens": "token budget of one engine step (decodes + prefill chunks)",
     "max_waiting_requests": "beyond this many waiting requests new ones get HTTP 503 + Retry-After",
