@@ -63,6 +63,11 @@ class Tokenizer:
         self.name = name
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The `tokenizers` object (grammar libraries read the vocabulary and its byte encoding from it)."""
+        return self._backend
+
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_folder(cls, path: str | Path) -> "Tokenizer":

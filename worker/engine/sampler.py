@@ -6,7 +6,9 @@ The pipeline, in vLLM's order (what users of the OpenAI-style API expect):
    the penalty, negative ones multiplied), then frequency and presence (OpenAI style, over output tokens:
    `logit -= frequency * count + presence * (count > 0)`);
 2. min_tokens: while a sequence has fewer than `min_tokens` output tokens, its eos ids and stop token ids
-   are masked out (whatever `ignore_eos` says);
+   are masked out (whatever `ignore_eos` says); then the logit processors a request asked for: logit_bias,
+   allowed_token_ids, bad words (worker.engine.logit_processors) and a grammar's token mask
+   (worker.engine.grammar), each on its own rows only;
 3. temperature; a temperature of (almost) 0 means greedy: argmax of the penalised logits;
 4. top_k, then top_p (one descending sort of the rows that need either), then min_p;
 5. sampling by the exponential race: argmax(probs / E) with E ~ Exponential(1) i.i.d., which draws from
@@ -38,6 +40,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from worker.engine.logit_processors import apply_allowed_tokens, apply_bad_words, apply_logit_bias
 from worker.engine.sampled_tokens import PendingSample, SampleResult
 from worker.engine.sampling_filters import apply_min_p, apply_top_k, apply_top_k_top_p, device_tensor
 from worker.sampling_params import SamplingParams
@@ -101,10 +104,11 @@ class Sampler:
 
     `vocab_size`: the tokenizer's vocabulary; logits with more columns (an lm_head padded for speed) have
     the extra columns dropped, so padding ids are never sampled. `seed` seeds the generator shared by rows
-    without a per-request seed.
+    without a per-request seed. `grammars` (worker.engine.grammar.GrammarMasks) serves rows with a
+    structured output; without it such rows are refused.
     """
 
-    def __init__(self, vocab_size: int, device: torch.device | str, seed: int = 0):
+    def __init__(self, vocab_size: int, device: torch.device | str, seed: int = 0, grammars=None):
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
         self.vocab_size = vocab_size
@@ -116,6 +120,7 @@ class Sampler:
         # CUDA: fresh Philox keys for unseeded rows, from the engine seed (reproducible run to run).
         self._key_source = random.Random(seed)
         self._fused = self.device.type == "cuda"
+        self.grammars = grammars
 
     # ------------------------------------------------------------------ entry point
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SampleResult:
@@ -153,14 +158,32 @@ class Sampler:
         work = raw.float()
         penalty_rows = [i for i, s in enumerate(states) if s.params.uses_penalties]
         min_tokens_rows = [i for i, s in enumerate(states) if s.blocks_stop_tokens]
-        if penalty_rows or min_tokens_rows:
+        processor_rows = [i for i, s in enumerate(states) if s.params.uses_logit_processors]
+        if penalty_rows or min_tokens_rows or processor_rows:
             if work.data_ptr() == raw.data_ptr():
                 work = work.clone()  # never modify the caller's logits
             if penalty_rows:
                 self._apply_penalties(work, penalty_rows, states)
             if min_tokens_rows:
                 self._mask_stop_tokens(work, min_tokens_rows, states)
+            if processor_rows:
+                self._apply_logit_processors(work, processor_rows, states)
         return work
+
+    def _apply_logit_processors(self, logits: torch.Tensor, rows: list[int], states: list[SamplingState]) -> None:
+        def using(name: str) -> list[int]:
+            return [i for i in rows if getattr(states[i].params, name)]
+
+        if bias_rows := using("logit_bias"):
+            apply_logit_bias(logits, bias_rows, states)
+        if allowed_rows := using("allowed_token_ids"):
+            apply_allowed_tokens(logits, allowed_rows, states)
+        if bad_rows := using("bad_words_token_ids"):
+            apply_bad_words(logits, bad_rows, states)
+        if grammar_rows := using("structured_output"):
+            if self.grammars is None:
+                raise ValueError("structured output needs a sampler built with grammars")
+            self.grammars.apply(logits, grammar_rows, states)
 
     def _checked_logits(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         if logits.dim() != 2:
