@@ -61,7 +61,12 @@ def step(sched: Scheduler, on_batch=None):
     if on_batch:
         on_batch(batch)
     sampled = {row: fake_next_token(batch.seqs[row].token_ids()) for row in range(len(batch)) if batch.samples(row)}
-    advanced, finished = sched.update(batch, sampled, frozenset({EOS}))
+    # the synchronous engine's order: launch the step, collect cut-offs, resolve its sampled tokens
+    rows = sorted(sampled)
+    launched = sched.launch(batch, rows)
+    cut_off = sched.take_cut_off()
+    advanced_rows, resolved = sched.resolve(launched, [sampled[r] for r in rows], frozenset({EOS}))
+    advanced, finished = [launched[j] for j in advanced_rows], cut_off + resolved
     sched.check_invariants()
     return batch, advanced, finished
 
