@@ -263,3 +263,17 @@ def test_n_choices_share_the_prompt_kv():
     assert all(h.num_cached_tokens == 40 for h in held)
     # with a pure-function "model", all three choices agree
     assert len({tuple(s.output_token_ids) for s in finished}) == 1
+
+
+# ---------------------------------------------------------------------------------------------- decode reserve
+def test_decode_reserve_decays_while_stable_and_jumps_back_after_a_preemption():
+    from worker.engine.decode_reserve import CLIP_TOKENS, DecodeReserve
+
+    reserve = DecodeReserve(init=0.5, minimum=0.1, decay=0.2, max_model_len=100_000, pages_for=lambda n: -(-n // 4))
+    seqs = [make_seq("a", [1] * 10, max_tokens=40), make_seq("b", [1] * 10, max_tokens=None)]
+    assert reserve.pages(seqs) == -(-int((40 + CLIP_TOKENS) * 0.5) // 4)  # b's unbounded budget is clipped
+    for _ in range(5):
+        reserve.after_decode_only_step()
+    assert reserve.ratio == 0.1  # never below the minimum
+    reserve.after_preemption()
+    assert reserve.ratio == pytest.approx(0.6)  # back above the initial ratio

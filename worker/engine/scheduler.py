@@ -1,48 +1,36 @@
 """Iteration-level continuous batching over a paged radix KV cache. Pure Python, no I/O.
 
-The engine (worker.engine.llm_engine) drives one step as
-  `schedule()`  what runs this step, under one token budget (`max_num_batched_tokens`):
-                1. every running decode gets its one token first, so long prompts never starve decodes;
-                2. sequences part-way through their prompt continue (chunked prefill);
-                3. waiting sequences are admitted in policy order (worker.engine.waiting_queue) while the
-                   KV pool keeps room for the running batch's decode growth;
-  `launch()`    the step is on its way to the device: computed positions advance, prefill progress becomes
-                shareable, each sampling row gets a placeholder output token;
-  `take_cut_off()`  sequences `schedule()` had to end because they outgrew the whole pool;
-  `resolve()`   the sampled tokens replace the placeholders and stop conditions
-                (worker.engine.stop_conditions) are checked.
-With overlap scheduling `resolve()` of step N runs after `schedule()` / `launch()` of step N+1, so the host
-prepares the next step while the device runs this one.
+The engine (worker.engine.llm_engine) drives each step through four calls:
+* `schedule()`: what runs this step, under one token budget (`max_num_batched_tokens`): first one token
+  for every running decode (long prompts never starve decodes), then the next chunk of prompts already
+  part-way through (chunked prefill), then waiting sequences in policy order (worker.engine.waiting_queue)
+  while the KV pool keeps room for the running batch's decode growth (worker.engine.decode_reserve).
+* `launch()`: the step is on its way to the device: computed positions advance, prefill progress becomes
+  shareable, each sampling row gets a placeholder output token.
+* `take_cut_off()`: sequences `schedule()` ended because they outgrew the whole pool.
+* `resolve()`: sampled tokens replace the placeholders; stops (worker.engine.stop_conditions) are applied.
+With overlap scheduling, step N resolves after step N+1 was scheduled and launched.
 
-KV memory (pages, the radix tree) is worker.cache.kv_manager's job; this module decides who gets it. A
-decode that needs a new page and cannot get one (even after evicting unreferenced cache leaves) preempts a
-victim by recompute: lowest priority first, then the latest arrival. The victim's computed prefix goes to
-the radix cache before its pages are released, so when re-admitted it recomputes only what was evicted
-meanwhile. Admission keeps room for the expected decode growth of the running batch (`new_token_ratio` of
-their remaining budget, a ratio that decays while things go well and jumps back up after a preemption),
-so preemptions stay rare.
-
-Choices 1..n-1 of a request wait on choice 0 (`Sequence.held_choices`) until its prompt is cached, then
-start from that shared prefix.
+Pages and the radix tree are worker.cache.kv_manager's job; this module decides who gets them. A sequence
+that needs a page when none is left (even after evicting unheld cache) preempts a victim by recompute:
+lowest priority first, then the latest arrival. The victim's computed prefix is cached before its pages
+are freed, so on re-admission it recomputes only what was evicted meanwhile. Choices 1..n-1 of a request
+wait on choice 0 (`Sequence.held_choices`) until its prompt is cached, then start from that prefix.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from worker.cache.kv_manager import KVManager
 from worker.cache.radix_cache import RadixCache
+from worker.engine.decode_reserve import DecodeReserve
 from worker.engine.protocol import FinishReason
 from worker.engine.sequence import Sequence, SeqStatus
 from worker.engine.stop_conditions import reached_length_limit, stop_reason
 from worker.engine.waiting_queue import make_waiting_queue
-
-# A running sequence's decode growth is counted up to this many tokens when reserving room for it.
-_RESERVE_CLIP_TOKENS = 4096
-
 
 @dataclass
 class SchedulerConfig:
@@ -94,7 +82,10 @@ class Scheduler:
         self.clock = clock
         self.waiting = make_waiting_queue(config.policy, config.priority_aging_s, clock, self.kv.cached_prefix_length)
         self.running: list[Sequence] = []
-        self.new_token_ratio = config.new_token_ratio_init
+        self.reserve = DecodeReserve(
+            config.new_token_ratio_init, config.new_token_ratio_min, config.new_token_ratio_decay,
+            config.max_model_len, self.kv.pages_for,
+        )
         self.num_preemptions = 0
         # sequences cut off during schedule() (they outgrew the whole pool); handed out by take_cut_off()
         self._cut_off: list[Sequence] = []
@@ -137,10 +128,7 @@ class Scheduler:
         budget = self._continue_prefills(batch, budget)
         self._admit_waiting(batch, budget)
         if batch.num_decodes == len(batch.seqs):
-            # decode-only steps mean the batch is stable: trust decode growth estimates a bit more
-            self.new_token_ratio = max(
-                self.config.new_token_ratio_min, self.new_token_ratio - self.config.new_token_ratio_decay
-            )
+            self.reserve.after_decode_only_step()  # the batch is stable
         return batch
 
     def _schedule_decodes(self, batch: ScheduledBatch, budget: int) -> int:
@@ -213,17 +201,12 @@ class Scheduler:
         available = self.kv.available_pages()
         if admitting:
             # keep room for the running batch's decode growth and this sequence's own
-            available -= self._decode_reserve_pages(self.running) + self._decode_reserve_pages([seq])
+            available -= self.reserve.pages(self.running) + self.reserve.pages([seq])
         room_tokens = (len(seq.pages) + max(available, 0)) * self.kv.page_size - seq.num_computed
         chunk = min(seq.num_uncomputed, budget, room_tokens)
         if chunk <= 0 or not self.kv.grow(seq, seq.num_computed + chunk):
             return 0
         return chunk
-
-    def _decode_reserve_pages(self, seqs: list[Sequence]) -> int:
-        """Pages to keep for the expected decode growth of `seqs`."""
-        tokens = sum(min(s.remaining_output_budget(self.config.max_model_len), _RESERVE_CLIP_TOKENS) for s in seqs)
-        return self.kv.pages_for(math.ceil(tokens * self.new_token_ratio))
 
     def _ensure_pages(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
         """Make sure `seq` has pages for `num_tokens` tokens, preempting others if memory is short."""
@@ -255,8 +238,7 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
         self._preempted_this_step = True
-        # memory was tighter than estimated: reserve more for decode growth for a while
-        self.new_token_ratio = min(1.0, max(self.new_token_ratio, self.config.new_token_ratio_init) + 0.1)
+        self.reserve.after_preemption()  # memory was tighter than estimated
 
     def _finish(self, seq: Sequence, reason: str, stop_token_id: int | None = None) -> None:
         if seq.status is SeqStatus.RUNNING:
