@@ -203,4 +203,4 @@ class RadixCache(RadixTree):
         """Raise ``AssertionError`` unless the cache and its pool are consistent; see
         worker.cache.radix_invariants (``private_pages``: pages requests hold outside the tree;
         ``locked_nodes``: one entry per outstanding ``lock``)."""
-        check_radix_invariants(self, private_pages, locked_nodes)
+        check_radix_invariants(self, self.pool, self.enabled, private_pages, locked_nodes)

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
+from worker.cache.page_pool import PagePool
 from worker.cache.radix_node import TreeNode
-
-if TYPE_CHECKING:
-    from worker.cache.radix_cache import RadixCache
+from worker.cache.radix_tree import RadixTree
 
 
 def check_radix_invariants(
-    cache: "RadixCache", private_pages: Iterable[int] = (), locked_nodes: Iterable[TreeNode] = ()
+    cache: RadixTree,
+    pool: PagePool,
+    enabled: bool,
+    private_pages: Iterable[int] = (),
+    locked_nodes: Iterable[TreeNode] = (),
 ) -> None:
-    """Raise ``AssertionError`` with a precise message unless the cache and its pool are consistent.
+    """Raise ``AssertionError`` with a precise message unless the tree and its pool are consistent.
+
+    ``enabled``: whether the cache is on (a disabled cache must hold nothing).
 
     ``private_pages``: pages live requests hold outside the tree (their unaligned tails, uncached parts).
     ``locked_nodes``: one entry per outstanding ``lock`` (a node may appear several times).
     """
     ps = cache.page_size
-    pool = cache.pool
     pool.check_invariants()
     owner: dict[int, str] = {}
 
@@ -91,4 +95,4 @@ def check_radix_invariants(
         f"free {pool.num_free} + evictable {evictable} + locked {locked} + private {num_private} "
         f"!= {pool.num_pages} pages"
     )
-    assert cache.enabled or not root.children, "a disabled cache must hold nothing"
+    assert enabled or not root.children, "a disabled cache must hold nothing"
