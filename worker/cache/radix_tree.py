@@ -20,7 +20,7 @@ API over it (matching with hit counters, insertion, allocation, eviction) is wor
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from worker.cache.radix_node import EvictionHeap, TreeNode
 
@@ -62,20 +62,25 @@ class RadixTree:
 
     def _match_length(self, tokens: tuple[int, ...]) -> int:
         """Length of the longest match of ``tokens`` (page-aligned) in the tree; reads, never writes."""
+        return sum(matched for _, matched in self._descend(tokens))
+
+    def _descend(self, tokens: tuple[int, ...]) -> Iterator[tuple[TreeNode, int]]:
+        """``(node, tokens of its key matched)`` along the path ``tokens`` (page-aligned) follows from the
+        root; the last one may be a partial match. Changes nothing (a caller may split the last node)."""
         ps = self.page_size
         node = self.root
         pos = 0
-        end = len(tokens)
-        while pos < end:
+        while pos < len(tokens):
             child = node.children.get(tokens[pos : pos + ps])
             if child is None:
-                break
+                return
             matched = self._matched_in(child, tokens, pos)
+            partial = matched < len(child.key)  # decided before the caller may split `child`
+            yield child, matched
+            if partial:
+                return
             pos += matched
-            if matched < len(child.key):
-                break
             node = child
-        return pos
 
     def _matched_in(self, child: TreeNode, tokens: tuple[int, ...], pos: int) -> int:
         """Tokens of ``child``'s key that ``tokens[pos:]`` matches, in whole pages (at least its first page,
@@ -102,25 +107,14 @@ class RadixTree:
         """
         self._clock += 1
         now = self._clock
-        ps = self.page_size
         node = self.root
         pages: list[int] = []
-        pos = 0
-        end = len(tokens)
-        while pos < end:
-            child = node.children.get(tokens[pos : pos + ps])
-            if child is None:
-                break
-            klen = len(child.key)
-            matched = self._matched_in(child, tokens, pos)
-            if matched < klen:
-                child = self._split(child, matched // ps)
+        for child, matched in self._descend(tokens):
+            if matched < len(child.key):
+                child = self._split(child, matched // self.page_size)
             self._touch(child, now)
             pages.extend(child.pages)
-            pos += matched
             node = child
-            if matched < klen:
-                break
         return node, pages
 
     def _touch(self, node: TreeNode, now: int) -> None:
