@@ -32,6 +32,7 @@ def test_grow_allocates_whole_pages_and_fails_without_allocating_when_the_pool_i
     other = make_seq("b", list(range(20)))
     assert not kv.grow(other, 8) and other.pages == []
     assert kv.available_pages() == 1
+    assert kv.total_tokens == 16
     assert kv.outgrows_pool(17) and not kv.outgrows_pool(16)
     kv.check_invariants([seq], [other])
 

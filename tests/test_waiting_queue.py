@@ -73,9 +73,9 @@ def test_lpm_scheduler_admits_the_cached_prompt_first_and_leaves_the_cache_untou
     hot = make_seq("hot", shared[:12] + [5] * 9, max_tokens=1, arrival=2.0)  # its match ends mid-node
     sched.add(cold)
     sched.add(hot)
-    nodes, queries = sched.cache.num_nodes, sched.cache.query_tokens
+    nodes, queries = sched.kv.cache.num_nodes, sched.kv.cache.query_tokens
     assert ids(sched.waiting.in_policy_order()) == ["hot", "cold"]
-    assert (sched.cache.num_nodes, sched.cache.query_tokens) == (nodes, queries)
+    assert (sched.kv.cache.num_nodes, sched.kv.cache.query_tokens) == (nodes, queries)
     finished = run_to_completion(sched, [])
     assert ids(finished) == ["hot", "cold"]
     assert hot.num_cached_tokens == 12

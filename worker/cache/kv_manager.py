@@ -26,6 +26,11 @@ class KVManager:
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
+    @property
+    def total_tokens(self) -> int:
+        """Tokens of KV the whole pool holds."""
+        return self.cache.pool.num_pages * self.page_size
+
     def outgrows_pool(self, num_tokens: int) -> bool:
         """Whether `num_tokens` tokens need more pages than the whole pool has."""
         return self.pages_for(num_tokens) > self.cache.pool.num_pages

@@ -77,7 +77,6 @@ def _add_to(batch: ScheduledBatch, seq: Sequence, num_tokens: int) -> None:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache: RadixCache, clock: Callable[[], float] = time.monotonic):
         self.config = config
-        self.cache = cache
         self.kv = KVManager(cache)
         self.clock = clock
         self.waiting = make_waiting_queue(config.policy, config.priority_aging_s, clock, self.kv.cached_prefix_length)
