@@ -11,8 +11,8 @@ Complexity (``L`` = query tokens, ``P`` = page_size, ``d`` = nodes on the matche
 ------------------------------------------------------------------------------------------------------
 * ``match_length``: as ``match_prefix`` without touching or splitting anything (read-only).
 * ``match_prefix``: O(L) token comparisons, all done in C on tuple slices (one dict lookup hashing ``P``
-  tokens per node, one slice comparison per node); only the node where the match ends is scanned page by
-  page, O(len(node) / P) Python steps. Plus O(d) to touch the path and concatenate page lists.
+  tokens per node, one slice comparison per node); the node where the match ends is binary-searched,
+  O(log(len(node) / P)) slice comparisons. Plus O(d) to touch the path and concatenate page lists.
 * ``insert``: as ``match_prefix``, plus O(pages) to compare the caller's page ids with the tree's.
 * ``lock`` / ``unlock``: O(depth).
 * ``evict(n)``: O((k + s) log H) for k evicted nodes and s stale heap entries skipped (H = heap size; the

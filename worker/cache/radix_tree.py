@@ -89,12 +89,17 @@ class RadixTree:
         klen = len(key)
         if tokens[pos : pos + klen] == key:  # whole node matches: one C-level comparison
             return klen
+        # Prefix equality is monotone in its length: binary-search the number of matching pages, each probe
+        # one C-level slice comparison (a long node is not walked page by page in Python).
         ps = self.page_size
-        matched = ps
-        limit = min(klen, len(tokens) - pos)
-        while matched < limit and key[matched : matched + ps] == tokens[pos + matched : pos + matched + ps]:
-            matched += ps
-        return matched
+        lo, hi = 1, min(klen, len(tokens) - pos) // ps  # pages known to match, most pages that can
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if key[: mid * ps] == tokens[pos : pos + mid * ps]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo * ps
 
     def _aligned_tuple(self, token_ids: Sequence[int]) -> tuple[int, ...]:
         aligned = len(token_ids) - len(token_ids) % self.page_size
