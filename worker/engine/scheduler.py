@@ -32,6 +32,7 @@ from worker.engine.sequence import Sequence, SeqStatus
 from worker.engine.stop_conditions import reached_length_limit, stop_reason
 from worker.engine.waiting_queue import make_waiting_queue
 
+
 @dataclass
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048
