@@ -3,6 +3,7 @@
 Client endpoints (behind --api-key when set): POST /v1/chat/completions, POST /v1/completions,
 GET /v1/models. Open: GET /health (200 while a worker is routable and the router is not draining),
 GET /metrics. Admin (behind --admin-key; disabled without it): GET/POST/DELETE /workers.
+One middleware, `auth_middleware`, enforces both keys from the table `ACCESS`; handlers never check.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from aiohttp import web
 from router.config import RouterConfig
 from router.discovery import DnsDiscovery
 from router.health import CircuitBreaker, HealthMonitor
-from router.metrics import RouterMetrics
+from router.listen import ListenError, bind_error_line
+from router.metrics import CONTENT_TYPE, RouterMetrics, make_registry, render
 from router.policies import RouteRequest, make_policy
-from router.proxy import Proxy, json_error
-from router.request_parsing import BadRequest, dumps, loads, parse_request
+from router.proxy import Proxy
+from router.request_parsing import BadRequest, parse_request
+from router.responses import json_error, json_response
 from router.sessions import SessionTable
 from router.tree import chunk_hashes
 from router.upstream import UpstreamPool
 from router.worker_pool import WorkerPool, normalize_url
+from worker.contracts import loads
 
 log = logging.getLogger("radixfleet.router")
 
@@ -58,6 +62,7 @@ class RouterState:
             sessions=self.sessions,
         )
         self.metrics = RouterMetrics()
+        self.registry = make_registry(self)  # read at scrape time only
         self.draining = False
         self.active_requests = 0
         self.session: aiohttp.ClientSession | None = None
@@ -118,6 +123,16 @@ class RouterState:
         return worker
 
 
+CLIENT, ADMIN = "client", "admin"
+# Which key each route needs, by its path as registered; a path not listed is open (/health, /metrics, 404s).
+ACCESS = {
+    "/v1/chat/completions": CLIENT,
+    "/v1/completions": CLIENT,
+    "/v1/models": CLIENT,
+    "/workers": ADMIN,
+}
+
+
 def _bearer(request: web.Request) -> str | None:
     value = request.headers.get("Authorization")
     if not value or not value.startswith("Bearer "):
@@ -135,15 +150,14 @@ def _unauthorized(message: str) -> web.Response:
     return json_error(401, message, "invalid_request_error", code="invalid_api_key")
 
 
-def _client_auth_error(state: RouterState, request: web.Request) -> web.Response | None:
-    key = state.config.api_key
-    if key is None or _key_matches(_bearer(request), key):
-        return None
-    return _unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
-
-
-def _admin_auth_error(state: RouterState, request: web.Request) -> web.Response | None:
-    key = state.config.admin_key
+def _access_denied(config: RouterConfig, access: str, request: web.Request) -> web.Response | None:
+    """The 401/403 answer to a request without the key its route needs, or None to let it through."""
+    if access == CLIENT:
+        key = config.api_key
+        if key is None or _key_matches(_bearer(request), key):
+            return None
+        return _unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+    key = config.admin_key
     if key is None:
         return json_error(403, "the admin API is disabled: start the router with --admin-key", code="admin_disabled")
     if _key_matches(_bearer(request), key):
@@ -151,12 +165,21 @@ def _admin_auth_error(state: RouterState, request: web.Request) -> web.Response 
     return _unauthorized("missing or invalid admin key: send 'Authorization: Bearer <admin key>'")
 
 
-def _generation_handler(path: str, kind: str, endpoint: str):
-    async def handler(request: web.Request) -> web.StreamResponse:
-        state: RouterState = request.app[STATE_KEY]
-        denied = _client_auth_error(state, request)
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    resource = request.match_info.route.resource
+    access = ACCESS.get(resource.canonical) if resource is not None else None
+    if access is not None:
+        denied = _access_denied(request.app[STATE_KEY].config, access, request)
         if denied is not None:
             return denied
+    return await handler(request)
+
+
+def _generation_handler(path: str, kind: str, endpoint: str):
+    async def handler(request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        state: RouterState = request.app[STATE_KEY]
         if state.draining:
             return json_error(503, "the router is shutting down; retry on another replica", "server_error",
                               code="draining")
@@ -178,18 +201,16 @@ def _generation_handler(path: str, kind: str, endpoint: str):
         route = RouteRequest(hashes, len(text), parsed.session_key, config.chars_per_token)
         state.active_requests += 1
         try:
-            return await state.proxy.forward(request, path, raw, route, parsed.stream, endpoint)
+            return await state.proxy.forward(request, path, raw, route, parsed.stream, endpoint, started)
         finally:
             state.active_requests -= 1
+            state.metrics.duration[endpoint].observe(time.monotonic() - started)
 
     return handler
 
 
 async def models_handler(request: web.Request) -> web.Response:
     state: RouterState = request.app[STATE_KEY]
-    denied = _client_auth_error(state, request)
-    if denied is not None:
-        return denied
     return await state.proxy.forward_get("/v1/models")
 
 
@@ -206,10 +227,8 @@ async def health_handler(request: web.Request) -> web.Response:
 
 async def metrics_handler(request: web.Request) -> web.Response:
     state: RouterState = request.app[STATE_KEY]
-    opened = state.upstream.connections_opened if state.upstream is not None else 0
-    text = state.metrics.render(state.pool, time.monotonic(), state.draining, len(state.sessions), opened)
-    return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(body=render(state.registry),
+                        headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
 
 
 async def _admin_url(request: web.Request) -> str:
@@ -231,11 +250,8 @@ async def _admin_url(request: web.Request) -> str:
 
 
 async def _admin_target(request: web.Request) -> tuple[RouterState, str] | web.Response:
-    """The admin key check and the worker url of a POST/DELETE /workers body, or the error to answer."""
+    """The worker url of a POST/DELETE /workers body, or the error to answer."""
     state: RouterState = request.app[STATE_KEY]
-    denied = _admin_auth_error(state, request)
-    if denied is not None:
-        return denied
     try:
         return state, await _admin_url(request)
     except BadRequest as exc:
@@ -244,12 +260,8 @@ async def _admin_target(request: web.Request) -> tuple[RouterState, str] | web.R
 
 async def workers_get(request: web.Request) -> web.Response:
     state: RouterState = request.app[STATE_KEY]
-    denied = _admin_auth_error(state, request)
-    if denied is not None:
-        return denied
     now = time.monotonic()
-    body = {"policy": state.policy.name, "workers": [w.describe(now) for w in state.pool]}
-    return web.Response(body=dumps(body), content_type="application/json")
+    return json_response({"policy": state.policy.name, "workers": [w.describe(now) for w in state.pool]})
 
 
 async def workers_post(request: web.Request) -> web.Response:
@@ -260,8 +272,7 @@ async def workers_post(request: web.Request) -> web.Response:
     existed = url in state.pool
     worker = state.add_worker(url, source="admin")
     log.info("worker %s added (%s)", worker.worker_id, "already present" if existed else "new")
-    return web.Response(status=200 if existed else 201, body=dumps({"id": worker.worker_id, "url": url}),
-                        content_type="application/json")
+    return json_response({"id": worker.worker_id, "url": url}, status=200 if existed else 201)
 
 
 async def workers_delete(request: web.Request) -> web.Response:
@@ -273,7 +284,7 @@ async def workers_delete(request: web.Request) -> web.Response:
     if worker is None:
         return json_error(404, f"no worker with url {url}", param="url", code="worker_not_found")
     log.info("worker %s removed", worker.worker_id)
-    return web.Response(body=dumps({"id": worker.worker_id, "removed": True}), content_type="application/json")
+    return json_response({"id": worker.worker_id, "removed": True})
 
 
 async def not_found(request: web.Request) -> web.Response:
@@ -283,7 +294,8 @@ async def not_found(request: web.Request) -> web.Response:
 def build_app(config: RouterConfig) -> web.Application:
     """The aiohttp application. Its startup connects to the workers; cleanup closes everything."""
     state = RouterState(config)
-    app = web.Application(client_max_size=config.max_body_bytes, handler_args={"max_field_size": 16384})
+    app = web.Application(client_max_size=config.max_body_bytes, handler_args={"max_field_size": 16384},
+                          middlewares=[auth_middleware])
     app[STATE_KEY] = state
     app.router.add_post("/v1/chat/completions", _generation_handler("/v1/chat/completions", "chat", "chat"))
     app.router.add_post("/v1/completions", _generation_handler("/v1/completions", "completion", "completions"))
@@ -313,7 +325,11 @@ async def serve(config: RouterConfig, ready: asyncio.Event | None = None) -> Non
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.drain_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # taken since `radixfleet router` checked it
+        await runner.cleanup()
+        raise ListenError(bind_error_line(config.host, config.port, exc)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -55,6 +55,8 @@ class RouterConfig:
         """Raise ValueError naming the bad setting and how to fix it."""
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"--policy {self.policy!r} is unknown: choose one of {', '.join(POLICY_NAMES)}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be between 0 and 65535, got {self.port}")
         if not self.worker_urls and not self.worker_dns and self.admin_key is None:
             raise ValueError("no workers: give --worker-urls URL... and/or --worker-dns HOST:PORT, "
                              "or --admin-key to add them later with POST /workers")

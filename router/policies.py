@@ -1,7 +1,10 @@
 """Routing policies: pure objects that pick a worker for a request. No I/O; time and randomness injected.
 
 Every policy gets the routable workers (healthy, not excluded by a retry) and a `RouteRequest`, and
-returns a `Decision` naming the worker and the reason (exported as a metric label).
+returns a `Decision` naming the worker and the reason (exported as a metric label). When the proxy
+sends the request on, it calls `dispatched(decision, request)`: a policy that keeps state about what
+each worker holds (cache_aware's prefix trees) records it there, so the code that reads a worker's
+tree is the code that writes it.
 
 cache_aware, the default, in order:
 1. A session pin wins unless its worker is not routable or above the high watermark.
@@ -48,10 +51,6 @@ class RouteRequest:
     session_key: str | None = None
     chars_per_token: float = 4.0
 
-    @property
-    def prompt_tokens(self) -> int:
-        return int(self.text_chars / self.chars_per_token)
-
 
 @dataclass(slots=True)
 class Decision:
@@ -86,6 +85,9 @@ class Policy:
 
     def choose(self, workers: Sequence[WorkerState], request: RouteRequest) -> Decision:
         raise NotImplementedError
+
+    def dispatched(self, decision: Decision, request: RouteRequest) -> None:
+        """The request was sent to `decision.worker` (once per attempt: a retry is a new decision)."""
 
     def forget_worker(self, worker: WorkerState) -> None:
         """A worker left the pool."""
@@ -182,11 +184,6 @@ class Watermarks:
             self.imbalanced = self.over(hi, lo, self.balance_abs, self.balance_rel)
         return self.imbalanced
 
-    def above_high(self, worker: WorkerState, workers: Sequence[WorkerState]) -> bool:
-        """Is this worker far above the least loaded one (a pin must give way)?"""
-        lo = min(w.load for w in workers)
-        return self.over(worker.load, lo, self.balance_abs, self.balance_rel)
-
 
 class SessionAffinity(Policy):
     """Rendezvous (highest random weight) hashing of the session key over worker urls.
@@ -250,11 +247,15 @@ class CacheAware(Policy):
         if self.sessions is not None:
             self.sessions.unpin_worker(worker.url)
 
+    def dispatched(self, decision, request):
+        # The worker will hold this prompt once it has prefilled it: record it now, at dispatch, so the
+        # next request sharing the prefix is routed here even before this one finishes.
+        decision.worker.tree.insert(request.hashes)
+
     def choose(self, workers, request):
         if not workers:
             raise NoWorkerAvailable
         self._rotation += 1
-        text_chars = max(request.text_chars, 1)
         loads = [w.load for w in workers]  # read once: `load` is a property
         min_load = min(loads)
         imbalanced = self.watermarks.update_range(min_load, max(loads))
@@ -262,40 +263,42 @@ class CacheAware(Policy):
 
         sessions = self.sessions
         key = request.session_key
+        chosen = None
         if sessions is not None and key:
             pinned_url = sessions.get(key)
             if pinned_url is not None:
                 for i, w in enumerate(workers):
                     if w.url == pinned_url:
                         if not marks.over(loads[i], min_load, marks.balance_abs, marks.balance_rel):
-                            sessions.pin(key, w.url)  # refresh expiry
-                            chars = w.tree.match_chars(request.hashes)
-                            return Decision(w, "session", chars, min(1.0, chars / text_chars))
+                            chosen = (w, "session", w.tree.match_chars(request.hashes))
                         break
-            decision = self._choose_by_cache_and_load(workers, loads, min_load, request, imbalanced, text_chars)
-            sessions.pin(key, decision.worker.url)
-            return decision
-        return self._choose_by_cache_and_load(workers, loads, min_load, request, imbalanced, text_chars)
+        if chosen is None:
+            chosen = self._choose_by_cache_and_load(workers, loads, min_load, request, imbalanced)
+        worker, reason, match_chars = chosen
+        if sessions is not None and key:
+            sessions.pin(key, worker.url)  # a new pin, or the old one's expiry refreshed
+        return Decision(worker, reason, match_chars, min(1.0, match_chars / max(request.text_chars, 1)))
 
-    def _choose_by_cache_and_load(self, workers, loads, min_load, request, imbalanced, text_chars) -> Decision:
+    def _choose_by_cache_and_load(self, workers, loads, min_load, request,
+                                  imbalanced) -> tuple[WorkerState, str, int]:
+        """(worker, reason, predicted match in characters) by the rules 2-4 of the module docstring."""
         hashes = request.hashes
         n = len(workers)
         matches = [w.tree.match_chars(hashes) for w in workers] if hashes else [0] * n
         if n == 1:
-            return Decision(workers[0], "only_worker", matches[0], min(1.0, matches[0] / text_chars))
+            return workers[0], "only_worker", matches[0]
         rotation = self._rotation
         if imbalanced:
             best_i = min(
                 (i for i in range(n) if loads[i] == min_load),
                 key=lambda i: (-matches[i], workers[i].outstanding_tokens, workers[i].processed, (i - rotation) % n),
             )
-            return Decision(workers[best_i], "imbalance", matches[best_i], min(1.0, matches[best_i] / text_chars))
+            return workers[best_i], "imbalance", matches[best_i]
 
         best_match = max(matches)
-        if best_match / text_chars < self.cache_threshold:
+        if best_match / max(request.text_chars, 1) < self.cache_threshold:
             w = _least_loaded(workers, rotation)
-            chars = matches[workers.index(w)]
-            return Decision(w, "cache_miss", chars, min(1.0, chars / text_chars))
+            return w, "cache_miss", matches[workers.index(w)]
 
         # Score: prefill tokens the match saves minus the queue the request would join there
         # (outstanding uncached prompt tokens + request_cost_tokens per in-flight request).
@@ -309,8 +312,7 @@ class CacheAware(Policy):
             if best_key is None or key < best_key:
                 best_i, best_key = i, key
         chars = matches[best_i]
-        reason = "cache_hit" if chars == best_match else "load_over_cache"
-        return Decision(workers[best_i], reason, chars, min(1.0, chars / text_chars))
+        return workers[best_i], ("cache_hit" if chars == best_match else "load_over_cache"), chars
 
 
 POLICY_NAMES = ("cache_aware", "round_robin", "random", "power_of_two", "least_load", "session")

@@ -4,6 +4,9 @@ Retry rule: an attempt that fails before the client has received any byte (conne
 timeout, 5xx, a stream that ends before its first chunk) is retried on another worker, at most
 `max_retries` times. Once a byte has gone to the client, a failure ends the stream with a clean SSE
 error event instead. The worker's load count drops when its response ends, however it ends.
+
+Every attempt is one policy decision: the proxy tells the policy where the request went
+(`policy.dispatched`), and the policy updates what it keeps about that worker.
 """
 
 from __future__ import annotations
@@ -11,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
 from router.policies import Decision, NoWorkerAvailable, RouteRequest
-from router.request_parsing import dumps, error_body
+from router.responses import json_error
 from router.upstream import UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamResponse
+from worker.contracts import SSE_DONE, error_json, sse_error_event
 
 if TYPE_CHECKING:  # pragma: no cover
     from router.app import RouterState
@@ -40,15 +45,13 @@ class _AttemptFailed(Exception):
         self.response = response  # the worker's own error answer, used if no retry is left
 
 
-def json_error(status: int, message: str, err_type: str = "invalid_request_error",
-               param: str | None = None, code: str | None = None) -> web.Response:
-    return web.Response(status=status, body=error_body(message, err_type, param, code),
-                        content_type="application/json")
+@dataclass(slots=True)
+class _Timing:
+    """What an attempt needs to account for its first byte."""
 
-
-def _sse_error_event(message: str) -> bytes:
-    event = dumps({"error": {"message": message, "type": "server_error", "param": None, "code": "worker_failed"}})
-    return b"data: " + event + b"\n\n"
+    uncached: int  # estimated prompt tokens the worker must prefill (its outstanding_tokens share)
+    endpoint: str
+    started: float
 
 
 class Proxy:
@@ -72,8 +75,11 @@ class Proxy:
         return lines
 
     async def forward(self, request: web.Request, path: str, raw: bytes, route: RouteRequest,
-                      stream: bool, endpoint: str) -> web.StreamResponse:
-        """Route and forward a generation request, retrying before the first byte."""
+                      stream: bool, endpoint: str, started: float) -> web.StreamResponse:
+        """Route and forward a generation request, retrying before the first byte.
+
+        `started`: when the request arrived (time.monotonic()), for the time-to-first-byte histogram.
+        """
         state = self.state
         metrics = state.metrics
         policy = state.policy
@@ -95,7 +101,8 @@ class Proxy:
             uncached = max(0, int((route.text_chars - decision.match_chars) / route.chars_per_token))
             worker.on_dispatch(uncached)
             try:
-                return await self._attempt(request, worker, path, raw, headers, stream, uncached)
+                return await self._attempt(request, worker, path, raw, headers, stream,
+                                           _Timing(uncached, endpoint, started))
             except _AttemptFailed as failure:
                 last_failure = failure
                 tried.append(worker)
@@ -124,11 +131,16 @@ class Proxy:
         metrics.requests[(worker.worker_id, endpoint)] += 1
         if state.policy.uses_tree:
             metrics.observe_match_ratio(decision.match_ratio)
-            # The worker will hold this prompt after prefilling it: record it now, at dispatch.
-            worker.tree.insert(route.hashes)
+        state.policy.dispatched(decision, route)
+
+    def _first_byte(self, worker: "WorkerState", timing: "_Timing") -> None:
+        """The worker answered: its prompt is prefilled, it is healthy, and the client's wait is known."""
+        worker.on_first_byte(timing.uncached)
+        worker.breaker.record_success()
+        self.state.metrics.first_byte[timing.endpoint].observe(time.monotonic() - timing.started)
 
     async def _attempt(self, request: web.Request, worker: "WorkerState", path: str, raw: bytes,
-                       headers: str, stream: bool, uncached: int) -> web.StreamResponse:
+                       headers: str, stream: bool, timing: "_Timing") -> web.StreamResponse:
         try:
             upstream = await self.upstream.post(worker.url, path, raw, headers)
         except UpstreamConnectError as exc:
@@ -142,27 +154,26 @@ class Proxy:
                 try:
                     body = await upstream.read()
                 except UpstreamError:
-                    body = error_body(f"worker answered {status}", "server_error")
+                    body = error_json(f"worker answered {status}", "server_error")
                 raise _AttemptFailed(f"status {status}", response=(status, body, content_type.split(";")[0]))
             if not stream or status != 200:
                 try:
                     body = await upstream.read()
                 except UpstreamError as exc:
                     raise _AttemptFailed(f"{exc} while reading the answer") from None
-                worker.on_first_byte(uncached)
-                worker.breaker.record_success()
+                self._first_byte(worker, timing)
                 self.state.metrics.responses[f"{status // 100}xx"] += 1
                 response = web.Response(status=status, body=body)
                 response.headers["Content-Type"] = content_type
                 response.headers[WORKER_HEADER] = worker.worker_id
                 return response
-            return await self._pipe_stream(request, worker, upstream, content_type, uncached)
+            return await self._pipe_stream(request, worker, upstream, content_type, timing)
         finally:
             if not upstream.done:
                 upstream.close()
 
     async def _pipe_stream(self, request: web.Request, worker: "WorkerState", upstream: UpstreamResponse,
-                           content_type: str, uncached: int) -> web.StreamResponse:
+                           content_type: str, timing: "_Timing") -> web.StreamResponse:
         # Hold the client response until the worker's first chunk: until then a failure can still be retried.
         try:
             first = await upstream.read_chunk()
@@ -170,8 +181,7 @@ class Proxy:
             raise _AttemptFailed(f"{exc} before the first chunk") from None
         if not first:
             raise _AttemptFailed("stream ended before its first chunk")
-        worker.on_first_byte(uncached)
-        worker.breaker.record_success()
+        self._first_byte(worker, timing)
         response = web.StreamResponse(status=upstream.status)
         response.headers["Content-Type"] = content_type
         response.headers["Cache-Control"] = "no-cache"
@@ -192,8 +202,8 @@ class Proxy:
                 self.state.metrics.errors["mid_stream"] += 1
                 worker.breaker.record_failure(time.monotonic())
                 log.warning("worker %s failed mid-stream: %s", worker.worker_id, exc)
-                chunk = (_sse_error_event("the worker serving this stream failed; retry the request")
-                         + b"data: [DONE]\n\n")
+                chunk = (sse_error_event("the worker serving this stream failed; retry the request",
+                                         code="worker_failed") + SSE_DONE)
                 try:
                     await response.write(chunk)
                 except (ConnectionError, aiohttp.ClientError):

@@ -147,13 +147,6 @@ class PrefixTree:
                 nodes[h] = None
         self._evict_to(max_chunks)
 
-    def touch(self, hashes: Sequence[int]) -> None:
-        """Mark the held part of a path most recently used (a cache hit, without inserting)."""
-        held = self.match_chunks(hashes)
-        move = self._nodes.move_to_end
-        for i in range(held - 1, -1, -1):
-            move(hashes[i])
-
     def set_capacity(self, capacity_tokens: int) -> None:
         """Follow a change in the worker's reported KV capacity, evicting LRU leaves if it shrank."""
         if capacity_tokens < 0:

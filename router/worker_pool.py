@@ -7,40 +7,15 @@ Worker URLs stay inside this module and the admin API; clients and metrics see o
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 from urllib.parse import urlsplit
 
 from router.health import CircuitBreaker
 from router.tree import DEFAULT_CHARS_PER_TOKEN, DEFAULT_CHUNK_CHARS, PrefixTree
+from worker.contracts import LoadReport  # a worker's GET /load answer; the health monitor sets `report`
 
 # Used until a worker's /load has told us its real KV capacity.
 DEFAULT_KV_TOKENS = 262_144
-
-
-@dataclass(slots=True)
-class LoadReport:
-    """A worker's GET /load answer."""
-
-    running: int = 0
-    waiting: int = 0
-    kv_tokens_used: int = 0
-    kv_tokens_total: int = 0
-    cache_hit_tokens: int = 0
-    cache_query_tokens: int = 0
-    num_preemptions: int = 0
-
-    @classmethod
-    def from_json(cls, data: object) -> "LoadReport":
-        if not isinstance(data, dict):
-            raise ValueError("/load must answer a JSON object")
-        values = {}
-        for name in cls.__slots__:  # type: ignore[attr-defined]
-            value = data.get(name, 0)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"/load field {name!r} must be a number, got {value!r}")
-            values[name] = int(value)
-        return cls(**values)
 
 
 def normalize_url(url: str) -> str:
@@ -111,7 +86,7 @@ class WorkerState:
             "processed": self.processed,
             "tree_tokens": self.tree.size_tokens,
             "tree_capacity_tokens": self.tree.capacity_tokens,
-            "load": None if report is None else {name: getattr(report, name) for name in LoadReport.__slots__},
+            "load": None if report is None else report.to_json(),
         }
 
 
@@ -128,7 +103,6 @@ class WorkerPool:
         self._breaker_factory = breaker_factory
         self._by_url: dict[str, WorkerState] = {}
         self._ids = itertools.count()
-        self.version = 0  # bumped on membership change (policies may cache per-membership data)
 
     def __len__(self) -> int:
         return len(self._by_url)
@@ -151,7 +125,6 @@ class WorkerPool:
         tree = PrefixTree(self.default_kv_tokens, self.chunk_chars, self.chars_per_token)
         worker = WorkerState(url, f"w{next(self._ids)}", tree, self._breaker_factory(), source)
         self._by_url[url] = worker
-        self.version += 1
         return worker
 
     def remove(self, url: str) -> WorkerState | None:
@@ -160,12 +133,8 @@ class WorkerPool:
         if worker is not None:
             worker.removed = True
             worker.tree.clear()
-            self.version += 1
         return worker
 
     def routable(self, now: float, exclude: Iterable[WorkerState] = ()) -> list[WorkerState]:
         excluded = set(id(w) for w in exclude)
         return [w for w in self._by_url.values() if w.routable(now) and id(w) not in excluded]
-
-    def urls(self) -> list[str]:
-        return list(self._by_url)

@@ -728,3 +728,61 @@ RadixCacheMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_radix_cache_against_naive_model = RadixCacheMachine.TestCase
+
+
+# ---------------------------------------------------------------------------------------------- read-only match length
+
+
+def tree_snapshot(cache: RadixCache) -> list[tuple]:
+    """Everything a match could change: every node's key, pages, ref and LRU time, plus the counters."""
+    nodes = []
+    stack = [cache.root]
+    while stack:
+        node = stack.pop()
+        nodes.append((node.key, tuple(node.pages), node.ref, node.last_access))
+        stack.extend(node.children.values())
+    counters = (cache.num_nodes, cache.num_evictable_pages, cache.num_locked_pages, cache.hit_tokens,
+                cache.query_tokens, len(cache._heap))
+    return sorted(nodes) + [counters]
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 4])
+def test_match_length_agrees_with_match_prefix(page_size):
+    cache = make_cache(num_pages=64, page_size=page_size)
+    cache_sequence(cache, list(range(10, 10 + 8 * page_size)))
+    cache_sequence(cache, list(range(10, 10 + 3 * page_size)) + [99] * (2 * page_size))
+    queries = [
+        list(range(10, 10 + 8 * page_size)),  # a whole path
+        list(range(10, 10 + 5 * page_size)) + [7] * page_size,  # ends inside a node
+        list(range(10, 10 + 3 * page_size)) + [99] * page_size + [1],  # other branch, unaligned tail
+        [5] * (3 * page_size),  # nothing cached
+        [],
+    ]
+    for query in queries:
+        expected_len = cache.match_length(query)
+        assert expected_len == cache.match_prefix(query, record=False).num_tokens, query
+
+
+def test_match_length_leaves_the_tree_its_lru_order_and_its_counters_unchanged():
+    cache = make_cache(num_pages=16, page_size=2)
+    old = cache_sequence(cache, [1, 2, 3, 4, 5, 6])
+    cache_sequence(cache, [7, 8])  # more recently used than [1..6]
+    cache.match_prefix([7, 8, 9])  # some hit / query counts
+    before = tree_snapshot(cache)
+    assert cache.match_length([1, 2, 3, 4, 0, 0]) == 4  # would split [1..6] and touch it as a match
+    assert tree_snapshot(cache) == before
+    cache.check_invariants()
+    # LRU order unchanged: [1..6] is still the oldest leaf, so it is evicted first (its tail page first).
+    assert cache.evict(1) == 1 and cache.pool.is_free(old[2])
+    # The same query through match_prefix does change the tree (so the snapshot can tell).
+    cache2 = make_cache(num_pages=16, page_size=2)
+    cache_sequence(cache2, [1, 2, 3, 4, 5, 6])
+    before2 = tree_snapshot(cache2)
+    cache2.match_prefix([1, 2, 3, 4, 0, 0], record=False)
+    assert tree_snapshot(cache2) != before2
+
+
+def test_match_length_of_a_disabled_cache_is_zero():
+    cache = make_cache(enabled=False)
+    assert cache.match_length([1, 2, 3, 4, 5]) == 0
+    assert (cache.hit_tokens, cache.query_tokens) == (0, 0)

@@ -472,3 +472,19 @@ def test_router_cli_rejects_bad_settings():
                           capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent,
                           env={**os.environ, "RADIXFLEET_API_KEY": "", "RADIXFLEET_ADMIN_KEY": ""})
     assert proc.returncode == 2 and "--worker-urls" in proc.stderr
+
+
+def test_request_latency_and_time_to_first_byte_are_exported(fleet_factory):
+    fleet = fleet_factory(1)
+    fleet.workers[0].response_delay_s = 0.05
+    client = fleet.client()
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "y"}], stream=True))
+    client.completions.create(model="m", prompt="z", max_tokens=1)
+    text = http("GET", fleet.base + "/metrics")[2].decode()
+    for name in ('radixfleet_router_request_duration_seconds_count{endpoint="chat"} 2.0',
+                 'radixfleet_router_request_duration_seconds_count{endpoint="completions"} 1.0',
+                 'radixfleet_router_time_to_first_byte_seconds_count{endpoint="chat"} 2.0',
+                 # the worker waited 50 ms before answering: no request was faster than that
+                 'radixfleet_router_time_to_first_byte_seconds_bucket{endpoint="chat",le="0.025"} 0.0'):
+        assert name in text

@@ -46,7 +46,7 @@ def test_insert_beyond_capacity_evicts_least_recently_used_branch():
     t = tree(6)
     t.insert(hashes("root" + "aaaa" * 2))  # 3 chunks
     t.insert(hashes("root" + "bbbb" * 2))  # 2 new chunks: 5 held
-    t.touch(hashes("root" + "aaaa" * 2))  # branch a is now the most recent
+    t.insert(hashes("root" + "aaaa" * 2))  # already held: branch a is now the most recent
     t.insert(hashes("root" + "cccc" * 2))  # needs 2 more: 7 > 6, one evicted, from branch b
     assert len(t) == 6
     assert t.match_chunks(hashes("root" + "aaaa" * 2)) == 3

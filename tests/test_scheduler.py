@@ -61,7 +61,12 @@ def step(sched: Scheduler, on_batch=None):
     if on_batch:
         on_batch(batch)
     sampled = {row: fake_next_token(batch.seqs[row].token_ids()) for row in range(len(batch)) if batch.samples(row)}
-    advanced, finished = sched.update(batch, sampled, frozenset({EOS}))
+    # the synchronous engine's order: launch the step, collect cut-offs, resolve its sampled tokens
+    rows = sorted(sampled)
+    launched = sched.launch(batch, rows)
+    cut_off = sched.take_cut_off()
+    advanced_rows, resolved = sched.resolve(launched, [sampled[r] for r in rows], frozenset({EOS}))
+    advanced, finished = [launched[j] for j in advanced_rows], cut_off + resolved
     sched.check_invariants()
     return batch, advanced, finished
 
@@ -258,3 +263,17 @@ def test_n_choices_share_the_prompt_kv():
     assert all(h.num_cached_tokens == 40 for h in held)
     # with a pure-function "model", all three choices agree
     assert len({tuple(s.output_token_ids) for s in finished}) == 1
+
+
+# ---------------------------------------------------------------------------------------------- decode reserve
+def test_decode_reserve_decays_while_stable_and_jumps_back_after_a_preemption():
+    from worker.engine.decode_reserve import CLIP_TOKENS, DecodeReserve
+
+    reserve = DecodeReserve(init=0.5, minimum=0.1, decay=0.2, max_model_len=100_000, pages_for=lambda n: -(-n // 4))
+    seqs = [make_seq("a", [1] * 10, max_tokens=40), make_seq("b", [1] * 10, max_tokens=None)]
+    assert reserve.pages(seqs) == -(-int((40 + CLIP_TOKENS) * 0.5) // 4)  # b's unbounded budget is clipped
+    for _ in range(5):
+        reserve.after_decode_only_step()
+    assert reserve.ratio == 0.1  # never below the minimum
+    reserve.after_preemption()
+    assert reserve.ratio == pytest.approx(0.6)  # back above the initial ratio

@@ -76,6 +76,13 @@ class Sequence:
     def is_decoding(self) -> bool:
         return self.status is SeqStatus.RUNNING and self.num_uncomputed == 1
 
+    def add_placeholder(self, future_row: int) -> None:
+        """An output slot for the token the launched step samples, filled when the step resolves; until
+        then the next decode reads its input from row `future_row` of that step's sampled tokens."""
+        self.output_token_ids.append(PLACEHOLDER_TOKEN)
+        self.num_pending_tokens += 1
+        self.future_row = future_row
+
     def drop_pending_tokens(self) -> None:
         """Forget unresolved placeholders (the sequence finished or was aborted before they resolved)."""
         if self.num_pending_tokens:

@@ -11,6 +11,7 @@ import logging
 
 from aiohttp import web
 
+from worker.contracts import LoadReport
 from worker.server.chat import chat_completions
 from worker.server.completions import completions
 from worker.server.context import CTX_KEY, ServerContext, read_json
@@ -76,20 +77,21 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def load(request: web.Request) -> web.Response:
-    """The figures the router balances on (these exact keys)."""
+    """The figures the router balances on (the keys of `worker.contracts.LoadReport`)."""
     ctx: ServerContext = request.app[CTX_KEY]
     stats = ctx.client.stats
     if stats is None:
         raise ApiError(503, "no engine statistics yet", type="server_error", code="engine_unavailable")
-    return json_response({
-        "running": stats.num_running,
-        "waiting": stats.num_waiting,
-        "kv_tokens_used": stats.kv_tokens_used,
-        "kv_tokens_total": stats.kv_tokens_total,
-        "cache_hit_tokens": stats.cache_hit_tokens,
-        "cache_query_tokens": stats.cache_query_tokens,
-        "num_preemptions": stats.num_preemptions,
-    })
+    report = LoadReport(
+        running=stats.num_running,
+        waiting=stats.num_waiting,
+        kv_tokens_used=stats.kv_tokens_used,
+        kv_tokens_total=stats.kv_tokens_total,
+        cache_hit_tokens=stats.cache_hit_tokens,
+        cache_query_tokens=stats.cache_query_tokens,
+        num_preemptions=stats.num_preemptions,
+    )
+    return json_response(report.to_json())
 
 
 async def metrics(request: web.Request) -> web.Response:

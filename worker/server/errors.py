@@ -1,15 +1,16 @@
 """OpenAI-style error objects for the worker's HTTP API.
 
 Every failure a client can see is an `ApiError`: an HTTP status plus the body OpenAI returns,
-`{"error": {"message", "type", "param", "code"}}`, so SDKs raise their usual exception classes
-(`BadRequestError`, `NotFoundError`, ...) with a message that names the field to fix.
+`{"error": {"message", "type", "param", "code"}}` (built by `worker.contracts`, which the router
+shares), so SDKs raise their usual exception classes (`BadRequestError`, `NotFoundError`, ...) with a
+message that names the field to fix.
 """
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
+
+from worker.contracts import dumps, error_body
 
 
 class ApiError(Exception):
@@ -34,15 +35,11 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, self.param, self.code)
 
     def response(self) -> web.Response:
-        return web.Response(
-            status=self.status,
-            text=json.dumps(self.body()),
-            content_type="application/json",
-            headers=self.headers,
-        )
+        return web.Response(status=self.status, body=dumps(self.body()), content_type="application/json",
+                            headers=self.headers)
 
 
 def bad_request(param: str | None, message: str, code: str | None = None) -> ApiError:
