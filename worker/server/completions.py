@@ -27,7 +27,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     many = len(completion.prompts) > 1
     prompt_ids = []
     for p, prompt in enumerate(completion.prompts):
-        ids = ctx.encode(prompt) if isinstance(prompt, str) else prompt
+        ids = await ctx.encode_off_loop(prompt) if isinstance(prompt, str) else prompt
         ctx.check_lengths(ids, completion.params, f"prompt[{p}]" if many else "prompt")
         prompt_ids.append(ids)
     ctx.check_capacity(len(prompt_ids))
