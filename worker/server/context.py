@@ -7,6 +7,7 @@ import time
 import uuid
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from worker.config import EngineConfig
 from worker.sampling_params import SamplingParams
@@ -160,6 +161,9 @@ async def read_json(request: web.Request):
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"The request body is larger than the limit of {MAX_BODY_BYTES} bytes.",
                        code="request_too_large") from None
+    except RequestPayloadError as error:  # e.g. Content-Encoding: gzip on a body that is not gzip
+        reason = str(error).replace("\n", " ").strip()
+        raise bad_request(None, f"The request body could not be read ({reason}).") from None
     try:
         if len(raw) > OFFLOAD_CHARS * 16:  # about 1 MB: decode in a thread, as for tokenization
             return await asyncio.get_running_loop().run_in_executor(None, decode_json_body, raw)

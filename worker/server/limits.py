@@ -94,6 +94,12 @@ def _find_lone_surrogate(value: Any) -> bool:
     return False
 
 
+def contains_lone_surrogate(raw: bytes, body: Any) -> bool:
+    """True when the decoded `body` of `raw` holds a lone surrogate (the walk runs only if `raw` has
+    a surrogate escape at all, so ordinary bodies cost one regex search)."""
+    return _SURROGATE_ESCAPE.search(raw) is not None and _find_lone_surrogate(body)
+
+
 def decode_json_body(raw: bytes, max_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Decode a request body within the limits; raises InputRejected with a client-facing message."""
     if len(raw) > max_bytes:
@@ -113,7 +119,7 @@ def decode_json_body(raw: bytes, max_bytes: int = MAX_BODY_BYTES, max_depth: int
         raise
     except (ValueError, RecursionError) as error:
         raise InputRejected(f"the request body is not valid JSON: {error}") from None
-    if _SURROGATE_ESCAPE.search(raw) and _find_lone_surrogate(body):
+    if contains_lone_surrogate(raw, body):
         raise InputRejected("the request body contains a lone UTF-16 surrogate (\\ud800-\\udfff without its "
                             "pair): send valid Unicode")
     return body
