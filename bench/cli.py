@@ -16,6 +16,7 @@ BENCHMARKS = {
     "cache-hit": ("bench.cache_hit_bench", "multi-turn chat cache-hit rate per routing policy"),
     "tree": ("bench.tree_bench", "router tree lookup cost and memory at 100k+ prompts"),
     "kernels": ("bench.kernel_bench", "Triton attention kernels against torch (GPU)"),
+    "fuzz": ("bench.fuzz_soak", "fuzzed request bodies at a worker and the router: statuses, 5xx, slow, RSS"),
 }
 
 
