@@ -123,8 +123,12 @@ class ServerContext:
                                         template_kwargs)
 
     async def encode_off_loop(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """`encode`, in a thread when the text is long (tokenizers releases the GIL)."""
-        return await _off_loop_if_large(len(text), self.encode, text, add_special_tokens)
+        """`encode`, in a thread when the text is long, through the tokenizer's GIL-releasing entry point
+        (without it the thread would hold the GIL, and the loop, for the whole tokenization)."""
+        if len(text) <= OFFLOAD_CHARS:
+            return self.encode(text, add_special_tokens)
+        encode_long = getattr(self.tokenizer, "encode_long", self.tokenizer.encode)
+        return await _off_loop_if_large(len(text), encode_long, text, add_special_tokens=add_special_tokens)
 
 
 async def _off_loop_if_large(size: int, fn, *args, **kwargs):
