@@ -68,7 +68,8 @@ class _Connection(asyncio.Protocol):
         self.response: "UpstreamResponse | None" = None
         self.parser: httptools.HttpResponseParser | None = None
         self.head_done = False
-        self.head_bytes = 0  # bytes received before the head completed (the 64 KB limit)
+        self.head_bytes = 0  # bytes received while the head was incomplete (the 64 KB limit)
+        self.header_bytes = 0  # bytes of the header lines parsed so far (the same limit, exactly)
         self.received_any = False
         self.framed = False  # Content-Length or chunked; False: the body ends when the worker closes
         self.keep_alive = True
@@ -141,7 +142,9 @@ class _Connection(asyncio.Protocol):
         self._headers = {}
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.head_bytes > _MAX_HEAD_BYTES:
+        # Counted here, not from data_received: one segment may carry the head and a large body.
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > _MAX_HEAD_BYTES:
             raise UpstreamProtocolError(f"response head over {_MAX_HEAD_BYTES} bytes")
         key = name.decode("latin-1").lower()
         self._header_names.append(name)
@@ -187,6 +190,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.head_done = False
         self.head_bytes = 0
+        self.header_bytes = 0
         self.received_any = False
         self.keep_alive = True
         self.framed = False

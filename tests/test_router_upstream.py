@@ -192,6 +192,18 @@ def test_malformed_framing_is_a_protocol_error(case):
     run(main())
 
 
+def test_a_large_body_in_the_same_segment_as_the_head_is_not_a_large_head():
+    async def main():
+        body = b"x" * 200_000
+        reply = [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body]
+        async with ScriptedServer([reply]) as server:
+            pool = UpstreamPool()
+            assert await (await pool.post(server.url, "/", b"{}")).read() == body
+            pool.close()
+
+    run(main())
+
+
 def test_bytes_beyond_the_body_are_not_read_as_the_next_answer():
     async def main():
         spliced = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad"]
