@@ -13,6 +13,7 @@ from router.policies import (
 )
 from router.tree import DEFAULT_CHARS_PER_TOKEN, DEFAULT_CHUNK_CHARS
 from router.worker_pool import DEFAULT_KV_TOKENS
+from worker.server.limits import MAX_BODY_BYTES
 
 
 @dataclass
@@ -36,8 +37,8 @@ class RouterConfig:
     # serving
     max_retries: int = 2
     connect_timeout_s: float = 5.0
-    read_timeout_s: float = 600.0  # longest silence allowed from a worker (first byte included)
-    max_body_bytes: int = 32 * 1024 * 1024
+    read_timeout_s: float = 600.0  # a non-streamed answer, whole (streams: the reliability block below)
+    max_body_bytes: int = MAX_BODY_BYTES  # the worker's limit too (worker/server/limits.py)
     health_interval_s: float = 1.0
     health_timeout_s: float = 2.0
     failure_threshold: int = 3
