@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         for r in reports:
             print(f"{r['target']:<8} {r['bodies']:>7} {r['seconds']:>8} {r['5xx']:>5} {r['problems']:>8} "
                   f"{r['slow']:>5}  {r['statuses']}  {r['rss_mb']}")
-        result = {"command": " ".join(sys.argv), "seed": args.seed, "slow_s": args.slow_s, "reports": reports}
+        result = {"options": vars(args), "reports": reports}
         print(json.dumps(result, indent=1)[:4000])
         if args.out:
             with open(args.out, "w") as out:
