@@ -31,18 +31,20 @@ RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
  && chown radixfleet:radixfleet /cache /models
 WORKDIR /app
 COPY deploy/docker/ deploy/docker/
-# pip reads these from the environment: unset (the default) means the normal index.
-ARG PIP_NO_INDEX
-ARG PIP_FIND_LINKS
 
 # ---------------------------------------------------------------- CPU: torch from the CPU wheel index
 FROM base AS deps-cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# pip reads these from the environment (each stage declares them): unset means the normal index.
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 RUN pip install -c deploy/docker/constraints-cpu.txt --extra-index-url "$TORCH_INDEX_URL" \
         torch -r deploy/docker/requirements.txt
 
 # ---------------------------------------------------------------- CUDA: torch 2.11 + triton 3.6
 FROM base AS deps-cuda
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 # Triton compiles a small C launcher at the first kernel launch: it needs a C compiler and the
 # Python headers (python:*-slim ships the headers; Debian's python3 needs python3-dev).
 RUN missing=""; command -v cc >/dev/null || missing="gcc libc6-dev"; \
@@ -55,6 +57,8 @@ RUN pip install -c deploy/docker/constraints-cuda.txt torch triton -r deploy/doc
 
 # ---------------------------------------------------------------- the project on top
 FROM deps-${FLAVOR} AS app
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 COPY pyproject.toml README.md ./
 COPY router router
 COPY worker worker

@@ -78,8 +78,8 @@ rm -rf "$CONTEXT" && mkdir -p "$CONTEXT"
 (cd "$ROOT" && git ls-files -co --exclude-standard | grep -v '^deploy/compose_e2e.log$' | tar -c -T - ) | tar -C "$CONTEXT" -x
 WHEELS=$CONTEXT/deploy/docker/wheelhouse
 mkdir -p "$WHEELS"
-"$PYTHON" -m pip download --quiet --only-binary=:all: -d "$WHEELS" -c "$ROOT/deploy/docker/constraints-cpu.txt" \
-    torch -r "$ROOT/deploy/docker/requirements.txt"
+"$PYTHON" -m pip download --quiet --progress-bar off --only-binary=:all: -d "$WHEELS" -c "$ROOT/deploy/docker/constraints-cpu.txt" \
+    torch -r "$ROOT/deploy/docker/requirements.txt" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 echo "$(ls "$WHEELS" | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1)"
 
 step "build radixfleet-cpu (offline: --network none, wheels from the context)"
