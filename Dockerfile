@@ -1,14 +1,13 @@
 # radixfleet image: one image for the router and the workers (the command picks the role).
 #
-#   docker build -t radixfleet-cuda .                         # GPU hosts: torch 2.11 + triton 3.6 + a C compiler
-#   docker build --build-arg FLAVOR=cpu -t radixfleet-cpu .   # CPU-only hosts: CPU torch 2.13, no CUDA libraries
+#   docker build --target cuda -t radixfleet-cuda .   # GPU hosts: torch 2.11 + triton 3.6 + a C compiler (the default)
+#   docker build --target cpu -t radixfleet-cpu .     # CPU-only hosts: CPU torch 2.13, no CUDA libraries
 #
 # Versions are pinned by deploy/docker/constraints-{cpu,cuda}.txt (the tested sets). Offline builds
 # (deploy/compose_e2e.sh) put wheels in deploy/docker/wheelhouse/ and pass
 # --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/app/deploy/docker/wheelhouse.
 # BASE may be any Debian-like image with python3 >= 3.10 (the e2e script builds one with debootstrap).
 ARG BASE=python:3.11-slim-bookworm
-ARG FLAVOR=cuda
 
 FROM ${BASE} AS base
 ENV PYTHONUNBUFFERED=1 \
@@ -31,18 +30,36 @@ RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
  && chown radixfleet:radixfleet /cache /models
 WORKDIR /app
 COPY deploy/docker/ deploy/docker/
+# Image settings every target inherits (each sets USER itself, after its installs).
+EXPOSE 8000
+# Model loading takes minutes on a GPU: failures count only after the start period.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=900s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+ENTRYPOINT ["radixfleet"]
+
+# The project's files, copied into each target after its dependencies (so code changes reuse those layers).
+FROM scratch AS src
+COPY pyproject.toml README.md /app/
+COPY router /app/router
+COPY worker /app/worker
+COPY kernels /app/kernels
+COPY bench /app/bench
 
 # ---------------------------------------------------------------- CPU: torch from the CPU wheel index
-FROM base AS deps-cpu
+# (first, so that Docker's legacy builder, which builds every stage up to the target, never needs CUDA wheels)
+FROM base AS cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # pip reads these from the environment (each stage declares them): unset means the normal index.
 ARG PIP_NO_INDEX
 ARG PIP_FIND_LINKS
 RUN pip install -c deploy/docker/constraints-cpu.txt --extra-index-url "$TORCH_INDEX_URL" \
         torch -r deploy/docker/requirements.txt
+COPY --from=src /app /app
+RUN pip install --no-deps --no-build-isolation . && python -c "import router, worker, kernels"
+USER radixfleet
 
 # ---------------------------------------------------------------- CUDA: torch 2.11 + triton 3.6
-FROM base AS deps-cuda
+FROM base AS cuda
 ARG PIP_NO_INDEX
 ARG PIP_FIND_LINKS
 # Triton compiles a small C launcher at the first kernel launch: it needs a C compiler and the
@@ -54,20 +71,6 @@ RUN missing=""; command -v cc >/dev/null || missing="gcc libc6-dev"; \
         apt-get update && apt-get install -y --no-install-recommends $missing && rm -rf /var/lib/apt/lists/*; \
     fi
 RUN pip install -c deploy/docker/constraints-cuda.txt torch triton -r deploy/docker/requirements.txt
-
-# ---------------------------------------------------------------- the project on top
-FROM deps-${FLAVOR} AS app
-ARG PIP_NO_INDEX
-ARG PIP_FIND_LINKS
-COPY pyproject.toml README.md ./
-COPY router router
-COPY worker worker
-COPY kernels kernels
-COPY bench bench
-RUN pip install --no-deps --no-build-isolation . && python -c "import router, worker, kernels"
+COPY --from=src /app /app
+RUN pip install --no-deps --no-build-isolation . && python -c "import router, worker, kernels, triton"
 USER radixfleet
-EXPOSE 8000
-# Model loading takes minutes on a GPU: failures count only after the start period.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=900s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
-ENTRYPOINT ["radixfleet"]

@@ -84,7 +84,7 @@ echo "$(ls "$WHEELS" | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1)"
 
 step "build radixfleet-cpu (offline: --network none, wheels from the context)"
 docker build --network none -q -t radixfleet-cpu:latest \
-    --build-arg BASE="$BASE_IMAGE" --build-arg FLAVOR=cpu \
+    --build-arg BASE="$BASE_IMAGE" --target cpu \
     --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/app/deploy/docker/wheelhouse "$CONTEXT"
 docker run --rm --network none --entrypoint sh radixfleet-cpu:latest -c \
     'echo "user $(id -u), $(python -c "import torch, aiohttp; print(\"torch\", torch.__version__, \"aiohttp\", aiohttp.__version__)")"'
