@@ -18,6 +18,7 @@ from worker.server.context import CTX_KEY, ServerContext, read_json
 from worker.server.errors import ApiError, internal_error
 from worker.server.limits import MAX_BODY_BYTES  # the router imports the same limit
 from worker.server.metrics import CONTENT_TYPE
+from worker.server.request_id import request_id_middleware
 from worker.server.protocol import parse_detokenize_request, parse_tokenize_request
 from worker.server.streaming import json_response
 
@@ -120,7 +121,7 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 def build_app(ctx: ServerContext) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, track_active], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[request_id_middleware, error_middleware, track_active], client_max_size=MAX_BODY_BYTES)
     app[CTX_KEY] = ctx
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
