@@ -18,6 +18,7 @@ BENCHMARKS = {
     "calibrate": ("bench.calibrate", "fit the sim executor's step-time cost model from real engine steps (GPU)"),
     "kernels": ("bench.kernel_bench", "Triton attention kernels against torch (GPU)"),
     "vs-vllm": ("bench.vs_vllm", "radixfleet and vLLM offline on the same checkpoint and workload (GPU)"),
+    "fuzz": ("bench.fuzz_soak", "fuzzed request bodies at a worker and the router: statuses, 5xx, slow, RSS"),
 }
 
 

@@ -25,7 +25,7 @@ from router.listen import ListenError, bind_error_line
 from router.metrics import CONTENT_TYPE, RouterMetrics, make_registry, render
 from router.policies import RouteRequest, make_policy
 from router.proxy import Proxy
-from router.request_parsing import BadRequest, parse_request
+from router.request_parsing import BadRequest, check_passthrough_headers, parse_request, read_body
 from router.responses import json_error, json_response
 from router.sessions import SessionTable
 from router.tree import chunk_hashes
@@ -183,17 +183,13 @@ def _generation_handler(path: str, kind: str, endpoint: str):
         if state.draining:
             return json_error(503, "the router is shutting down; retry on another replica", "server_error",
                               code="draining")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            state.metrics.errors["too_large"] += 1
-            return json_error(413, f"request body is larger than the limit of {state.config.max_body_bytes} "
-                                   f"bytes", code="request_too_large")
         config = state.config
         try:
+            check_passthrough_headers(request.headers)
+            raw = await read_body(request, config.max_body_bytes)
             parsed = parse_request(raw, kind, request.headers.get(config.session_header))
         except BadRequest as exc:
-            state.metrics.errors["bad_request"] += 1
+            state.metrics.errors["too_large" if exc.status == 413 else "bad_request"] += 1
             state.metrics.responses[f"{exc.status // 100}xx"] += 1
             return json_error(exc.status, exc.message, param=exc.param, code=exc.code)
         text = parsed.routing_text

@@ -13,6 +13,7 @@ from router.policies import (
 )
 from router.tree import DEFAULT_CHARS_PER_TOKEN, DEFAULT_CHUNK_CHARS
 from router.worker_pool import DEFAULT_KV_TOKENS
+from worker.server.limits import MAX_BODY_BYTES
 
 
 @dataclass
@@ -36,8 +37,8 @@ class RouterConfig:
     # serving
     max_retries: int = 2
     connect_timeout_s: float = 5.0
-    read_timeout_s: float = 600.0  # longest silence allowed from a worker (first byte included)
-    max_body_bytes: int = 32 * 1024 * 1024
+    read_timeout_s: float = 600.0  # a non-streamed answer, whole (streams: the reliability block below)
+    max_body_bytes: int = MAX_BODY_BYTES  # the worker's limit too (worker/server/limits.py)
     health_interval_s: float = 1.0
     health_timeout_s: float = 2.0
     failure_threshold: int = 3
@@ -50,6 +51,16 @@ class RouterConfig:
     worker_dns: str | None = None  # "hostname:port"
     dns_interval_s: float = 5.0
     worker_scheme: str = "http"
+    # reliability
+    # Streamed requests: longest wait for the worker's response head, i.e. its queueing plus prefill up to
+    # the first token. A healthy GPU worker prefills a 128k-token prompt in well under 30 s, a CPU one or
+    # a worker at its --max-waiting-requests bound takes longer; 60 s is above both, and ten times sooner
+    # than read_timeout_s to notice a worker that accepted but does not answer. Non-streamed requests
+    # get their head only when the whole generation is done, so they keep read_timeout_s.
+    first_byte_timeout_s: float = 60.0
+    # Longest silence between two pieces of a streamed body. A running stream sends a token every decode
+    # step (tens of ms); a preempted one waits for KV to free, which under overload takes seconds.
+    inter_chunk_timeout_s: float = 60.0
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting and how to fix it."""
@@ -72,5 +83,7 @@ class RouterConfig:
             host, _, port = self.worker_dns.rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"--worker-dns {self.worker_dns!r} must be HOST:PORT, e.g. worker:8000")
+        if self.first_byte_timeout_s <= 0 or self.inter_chunk_timeout_s <= 0:
+            raise ValueError("first_byte_timeout_s and inter_chunk_timeout_s must be > 0 (seconds)")
         if not self.session_header:
             raise ValueError("--session-header must not be empty")

@@ -142,7 +142,11 @@ class Proxy:
     async def _attempt(self, request: web.Request, worker: "WorkerState", path: str, raw: bytes,
                        headers: str, stream: bool, timing: "_Timing") -> web.StreamResponse:
         try:
-            upstream = await self.upstream.post(worker.url, path, raw, headers)
+            cfg = self.state.config  # a non-streamed answer's head comes when it is complete: read timeout
+            upstream = await self.upstream.post(
+                worker.url, path, raw, headers,
+                first_byte_timeout_s=cfg.first_byte_timeout_s if stream else cfg.read_timeout_s,
+                idle_timeout_s=cfg.inter_chunk_timeout_s if stream else cfg.read_timeout_s)
         except UpstreamConnectError as exc:
             raise _AttemptFailed(str(exc), hard=True) from None
         except UpstreamError as exc:

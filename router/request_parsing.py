@@ -8,7 +8,17 @@ The router checks only what it must to route; the worker validates everything el
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+from worker.server.limits import (
+    MAX_JSON_DEPTH,
+    contains_lone_surrogate,
+    header_value_ok,
+    json_depth_exceeds,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aiohttp import web
 
 from worker.contracts import loads
 
@@ -97,14 +107,49 @@ def completion_routing_text(prompt: Any) -> str:
                      param="prompt")
 
 
+# Request headers the router passes on to the worker: they must be valid in the request it writes.
+PASSTHROUGH_HEADERS = ("X-Request-ID", "traceparent")
+
+
+async def read_body(request: "web.Request", max_bytes: int) -> bytes:
+    """The request body; BadRequest 413 over `max_bytes`, 400 when it cannot be read or decoded
+    (a `Content-Encoding: gzip` body that is not gzip, a body cut short)."""
+    from aiohttp import web
+    from aiohttp.web_protocol import RequestPayloadError
+
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BadRequest(f"request body is larger than the limit of {max_bytes} bytes", status=413,
+                         code="request_too_large") from None
+    except RequestPayloadError as exc:
+        reason = str(exc).replace("\n", " ").strip()
+        raise BadRequest(f"request body could not be read ({reason}): send it uncompressed or as valid "
+                         f"gzip/deflate matching its Content-Encoding") from None
+
+
+def check_passthrough_headers(headers: Mapping[str, str]) -> None:
+    """BadRequest when a header the router forwards (X-Request-ID, traceparent) is not valid HTTP."""
+    for name in PASSTHROUGH_HEADERS:
+        value = headers.get(name)
+        if value is not None and not header_value_ok(value):
+            raise BadRequest(f"header {name} must be printable latin-1 text (no control characters); "
+                             f"send an ASCII id", param=name)
+
+
 def parse_request(raw: bytes, kind: str, session_header_value: str | None) -> ParsedRequest:
     """Parse and minimally validate an OpenAI request body. kind: 'chat' or 'completion'."""
     if not raw:
         raise BadRequest("request body is empty: send a JSON object", param=None)
+    if json_depth_exceeds(raw):
+        raise BadRequest(f"request body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels")
     try:
         body = loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also UnicodeDecodeError, integers over 4,300 digits
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if contains_lone_surrogate(raw, body):
+        raise BadRequest("request body contains a lone UTF-16 surrogate (\\ud800-\\udfff without its pair): "
+                         "send valid Unicode")
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     if kind == "chat":

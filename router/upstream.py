@@ -4,20 +4,34 @@ Why not aiohttp's client: profiling the router at a few thousand requests/s on o
 aiohttp client (URL objects, header merging, cookie jar, tracing hooks, timers) costing about half
 of each request's CPU time. The router only ever sends one kind of request, a POST of a JSON body to
 a known worker, and relays the answer, so this module does exactly that: it writes the request in
-one `transport.write`, parses the response head itself, and hands back the body as it arrives
-(Content-Length, chunked, or until close), de-chunked, for byte-for-byte relaying.
+one `transport.write` and hands back the body as it arrives, de-chunked, for byte-for-byte relaying.
 
-Errors: `UpstreamConnectError` (could not connect: the worker is down) and `UpstreamError`
-(reset, timeout, malformed answer). A request on a reused keep-alive connection that the worker had
-already closed is retried once on a fresh connection, as every HTTP client does.
+Responses are parsed by httptools (llhttp, the parser of Node.js and uvicorn) in its strict mode, so
+a worker that answers malformed HTTP gets a clean error instead of a short body or a hang: negative,
+duplicate or conflicting Content-Length, Content-Length with Transfer-Encoding, bare LF line endings,
+CR or LF inside a header value, bad chunk sizes. On top of llhttp this module refuses response heads
+over 64 KB, status codes outside 100-599, and a Transfer-Encoding other than chunked.
+
+Two timeouts: the first byte (until the response head arrives: queueing and prefill for a stream,
+the whole generation for a non-streamed answer) and the inter-chunk silence once the body flows.
+
+Errors, all `UpstreamError` (the proxy handles that one type):
+  UpstreamConnectError     could not connect: the worker is down
+  UpstreamTimeout          silent too long; `UpstreamFirstByteTimeout` when no head came at all
+  UpstreamProtocolError    the worker answered something that is not valid HTTP/1.1
+A request on a reused keep-alive connection that the worker had already closed is retried once on a
+fresh connection, as every HTTP client does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import deque
 from urllib.parse import urlsplit
+
+import httptools
 
 _MAX_HEAD_BYTES = 64 * 1024
 _HIGH_WATER = 1 << 20  # pause reading a worker while this much body is queued for a slow client
@@ -33,27 +47,36 @@ class UpstreamConnectError(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
-    """The worker stayed silent longer than the read timeout."""
+    """The worker stayed silent longer than the timeout."""
+
+
+class UpstreamFirstByteTimeout(UpstreamTimeout):
+    """No response head within the first-byte timeout: the worker accepted but does not answer."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The worker's answer breaks HTTP/1.1 framing; the connection is dropped."""
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection; parses one response at a time."""
+    """One keep-alive connection; parses one response at a time with a fresh llhttp parser."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.buf = bytearray()
         self.response: "UpstreamResponse | None" = None
+        self.parser: httptools.HttpResponseParser | None = None
         self.head_done = False
+        self.head_bytes = 0  # bytes received while the head was incomplete (the 64 KB limit)
+        self.header_bytes = 0  # bytes of the header lines parsed so far (the same limit, exactly)
         self.received_any = False
-        # body framing of the current response
-        self.mode = ""  # "length" | "chunked" | "close"
-        self.remaining = 0
-        self.chunk_state = 0  # 0: expect size line, 1: in data, 2: expect CRLF after data, 3: trailers
+        self.framed = False  # Content-Length or chunked; False: the body ends when the worker closes
         self.keep_alive = True
         self.paused = False
         self.key: tuple[str, int, bool] | None = None
+        self._header_names: list[bytes] = []
+        self._headers: dict[str, str] = {}
 
     # --- protocol callbacks --------------------------------------------------------------------
     def connection_made(self, transport):
@@ -63,24 +86,46 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         resp = self.response
         if resp is not None and not resp.done:
-            if self.head_done and self.mode == "close":
+            if self.head_done and not self.framed:
                 resp._finish()
             else:
                 resp._fail(UpstreamError("connection closed by the worker" if exc is None else f"connection lost: {exc}"))
 
     def data_received(self, data):
         resp = self.response
-        if resp is None:  # bytes with no request outstanding: the connection is unusable
-            self.closed = True
-            self.transport.close()
+        if resp is None or self.parser is None:  # bytes with no request outstanding: the connection is unusable
+            self._drop()
             return
         self.received_any = True
-        self.buf += data
+        if not self.head_done:
+            self.head_bytes += len(data)
         try:
-            self._parse()
-        except UpstreamError as exc:
-            resp._fail(exc)
-            self.closed = True
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if self.response is None:  # bytes beyond a complete answer: finished, but not reusable
+                self._drop()
+                return
+            cause = exc.__cause__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+            error = cause if isinstance(cause, UpstreamError) else UpstreamProtocolError(f"not an HTTP/1.1 answer the router accepts: {exc}")
+            self._fail(error)
+            return
+        if not self.head_done and self.head_bytes > _MAX_HEAD_BYTES:
+            self._fail(UpstreamProtocolError(f"response head over {_MAX_HEAD_BYTES} bytes"))
+            return
+        resp = self.response
+        if resp is not None and not self.paused and resp.queued_bytes > _HIGH_WATER and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.response is not None:
+            self.response._fail(error)
+        self._drop()
+
+    def _drop(self) -> None:
+        self.closed = True
+        self.response = None
+        if self.transport is not None:
             self.transport.close()
 
     def pause_writing(self):  # pragma: no cover - requests are small
@@ -89,139 +134,66 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self):  # pragma: no cover
         pass
 
-    # --- parsing -------------------------------------------------------------------------------
-    def _parse(self) -> None:
-        resp = self.response
-        if not self.head_done:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buf) > _MAX_HEAD_BYTES:
-                    raise UpstreamError("response head too large")
-                return
-            head = bytes(self.buf[:end])
-            del self.buf[: end + 4]
-            self._parse_head(head)
-            if resp.status < 200:  # 1xx interim answer: skip it, wait for the real one
-                self.head_done = False
-                return self._parse()
-            self.head_done = True
-            resp._head_ready()
-            if self.mode == "length" and self.remaining == 0:
-                resp._finish()
-                return
-        if self.mode == "length":
-            if self.buf:
-                take = min(len(self.buf), self.remaining)
-                resp._feed(bytes(self.buf[:take]))
-                del self.buf[:take]
-                self.remaining -= take
-            if self.remaining == 0:
-                if self.buf:  # bytes beyond the body: not something we can trust for the next request
-                    self.keep_alive = False
-                resp._finish()
-        elif self.mode == "chunked":
-            self._parse_chunked(resp)
-        else:  # until close
-            if self.buf:
-                resp._feed(bytes(self.buf))
-                self.buf.clear()
-        if not self.paused and resp.queued_bytes > _HIGH_WATER and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+    # --- llhttp callbacks (the parser calls these from feed_data) --------------------------------
+    def on_message_begin(self) -> None:
+        if self.response is None:
+            raise UpstreamProtocolError("bytes beyond the end of the answer")
+        self._header_names = []
+        self._headers = {}
 
-    def _parse_head(self, head: bytes) -> None:
-        resp = self.response
-        lines = head.split(b"\r\n")
-        status_line = lines[0]
-        if not status_line.startswith(b"HTTP/1."):
-            raise UpstreamError(f"not an HTTP/1.x answer: {status_line[:40]!r}")
-        try:
-            resp.status = int(status_line[9:12])
-        except ValueError:
-            raise UpstreamError(f"bad status line: {status_line[:40]!r}") from None
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep:
-                raise UpstreamError("malformed response header")
-            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-        resp.headers = headers
-        if status_line.startswith(b"HTTP/1.0"):
-            self.keep_alive = headers.get("connection", "").lower() == "keep-alive"
-        elif headers.get("connection", "").lower() == "close":
-            self.keep_alive = False
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Counted here, not from data_received: one segment may carry the head and a large body.
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > _MAX_HEAD_BYTES:
+            raise UpstreamProtocolError(f"response head over {_MAX_HEAD_BYTES} bytes")
+        key = name.decode("latin-1").lower()
+        self._header_names.append(name)
+        text = value.decode("latin-1").strip()
+        # A repeated header becomes one comma-joined value (RFC 9110 5.3); llhttp already refused
+        # duplicate Content-Length.
+        self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise UpstreamProtocolError(f"status {status} is outside 100-599")
+        if status < 200:
+            if status == 101:
+                raise UpstreamProtocolError("the worker tried to switch protocols (101)")
+            return  # an interim answer (100 Continue, 103): wait for the real one
+        headers = self._headers
         te = headers.get("transfer-encoding")
-        if te is not None and "chunked" in te.lower():
-            self.mode = "chunked"
-            self.chunk_state = 0
-        elif "content-length" in headers:
-            try:
-                self.remaining = int(headers["content-length"])
-            except ValueError:
-                raise UpstreamError("bad Content-Length") from None
-            self.mode = "length"
-        elif resp.status in (204, 304) or resp.method_head:
-            self.mode = "length"
-            self.remaining = 0
-        else:
-            self.mode = "close"
-            self.keep_alive = False
+        if te is not None and te.lower() != "chunked":
+            raise UpstreamProtocolError(f"unsupported Transfer-Encoding {te[:40]!r}")
+        self.framed = te is not None or "content-length" in headers or status in (204, 304)
+        self.keep_alive = self.framed and self.parser.should_keep_alive()
+        self.head_done = True
+        resp = self.response
+        resp.status = status
+        resp.headers = headers
+        resp._head_ready()
 
-    def _parse_chunked(self, resp: "UpstreamResponse") -> None:
-        buf = self.buf
-        while True:
-            if self.chunk_state == 0:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > 4096:
-                        raise UpstreamError("chunk size line too long")
-                    return
-                size_field = bytes(buf[:end]).split(b";", 1)[0].strip()
-                del buf[: end + 2]
-                try:
-                    size = int(size_field, 16)
-                except ValueError:
-                    raise UpstreamError(f"bad chunk size {size_field[:20]!r}") from None
-                if size == 0:
-                    self.chunk_state = 3
-                else:
-                    self.remaining = size
-                    self.chunk_state = 1
-            elif self.chunk_state == 1:
-                if not buf:
-                    return
-                take = min(len(buf), self.remaining)
-                resp._feed(bytes(buf[:take]))
-                del buf[:take]
-                self.remaining -= take
-                if self.remaining == 0:
-                    self.chunk_state = 2
-            elif self.chunk_state == 2:
-                if len(buf) < 2:
-                    return
-                if buf[:2] != b"\r\n":
-                    raise UpstreamError("chunk not followed by CRLF")
-                del buf[:2]
-                self.chunk_state = 0
-            else:  # trailers: lines until an empty one
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    return
-                del buf[: end + 2]
-                if end == 0:
-                    if buf:
-                        self.keep_alive = False
-                    resp._finish()
-                    return
+    def on_body(self, body: bytes) -> None:
+        if self.head_done:
+            self.response._feed(bytes(body))
+
+    def on_message_complete(self) -> None:
+        if not self.head_done:
+            return  # the end of an interim 1xx answer
+        resp = self.response
+        self.response = None  # anything after this is beyond the answer
+        resp._finish()
 
     # --- request -------------------------------------------------------------------------------
     def start(self, request_bytes: bytes, response: "UpstreamResponse") -> None:
         self.response = response
+        self.parser = httptools.HttpResponseParser(self)
         self.head_done = False
+        self.head_bytes = 0
+        self.header_bytes = 0
         self.received_any = False
         self.keep_alive = True
-        self.mode = ""
-        self.buf.clear()
+        self.framed = False
         response._conn = self
         self.transport.write(request_bytes)
 
@@ -234,21 +206,22 @@ class _Connection(asyncio.Protocol):
 class UpstreamResponse:
     """A worker's answer: `status`, `headers` (lower-case names), body via `read_chunk()` / `read()`."""
 
-    __slots__ = ("status", "headers", "done", "method_head", "_chunks", "queued_bytes", "_waiter", "_error",
-                 "_conn", "_loop", "_timeout_s", "_head", "_pool")
+    __slots__ = ("status", "headers", "done", "_chunks", "queued_bytes", "_waiter", "_error",
+                 "_conn", "_loop", "_first_byte_s", "_idle_s", "_head", "_pool")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float, pool: "UpstreamPool") -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, first_byte_s: float, idle_s: float,
+                 pool: "UpstreamPool") -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
         self.done = False
-        self.method_head = False
         self._chunks: deque[bytes] = deque()
         self.queued_bytes = 0
         self._waiter: asyncio.Future | None = None
         self._error: Exception | None = None
         self._conn: _Connection | None = None
         self._loop = loop
-        self._timeout_s = timeout_s
+        self._first_byte_s = first_byte_s  # until the head arrives
+        self._idle_s = idle_s  # between pieces of body
         self._head = False
         self._pool = pool
 
@@ -289,25 +262,32 @@ class UpstreamResponse:
         if self._conn is not None:
             self._conn.response = None
 
-    async def _wait(self) -> None:
+    async def _wait(self, timeout_s: float, error: UpstreamTimeout) -> None:
         waiter = self._loop.create_future()
         self._waiter = waiter
-        timer = self._loop.call_later(self._timeout_s, self._on_timeout, waiter)
+        timer = self._loop.call_later(timeout_s, self._on_timeout, waiter, error)
         try:
             await waiter
         finally:
             timer.cancel()
             self._waiter = None
 
-    def _on_timeout(self, waiter: asyncio.Future) -> None:
+    @staticmethod
+    def _on_timeout(waiter: asyncio.Future, error: UpstreamTimeout) -> None:
         if not waiter.done():
-            waiter.set_exception(UpstreamTimeout(f"no answer from the worker for {self._timeout_s:.0f}s"))
+            waiter.set_exception(error)
 
     async def wait_head(self) -> None:
+        """Until the response head arrives; UpstreamFirstByteTimeout after the first-byte timeout."""
+        deadline = self._loop.time() + self._first_byte_s
         while not self._head:
             if self._error is not None:
                 raise self._error
-            await self._wait()
+            left = deadline - self._loop.time()
+            if left <= 0:
+                raise UpstreamFirstByteTimeout(f"no answer from the worker within {self._first_byte_s:g}s")
+            await self._wait(left, UpstreamFirstByteTimeout(
+                f"no answer from the worker within {self._first_byte_s:g}s"))
 
     async def read_chunk(self) -> bytes:
         """The next piece of body, b"" at its end. Raises UpstreamError if the worker fails first."""
@@ -323,7 +303,7 @@ class UpstreamResponse:
                 raise self._error
             if self.done:
                 return b""
-            await self._wait()
+            await self._wait(self._idle_s, UpstreamTimeout(f"the worker sent nothing for {self._idle_s:g}s"))
 
     async def read(self) -> bytes:
         parts = []
@@ -342,13 +322,44 @@ class UpstreamResponse:
                 self._pool._discard(conn)
 
 
+def _header_block(lines: str) -> bytes:
+    """The extra header lines as bytes, without any line that would make the request invalid HTTP."""
+    if not lines:
+        return b""
+    try:
+        block = lines.encode("latin-1")
+    except UnicodeEncodeError:
+        block = None
+    if block is not None and not _has_controls(block.replace(b"\r\n", b"")):
+        return block
+    kept = []
+    for line in lines.split("\r\n"):
+        try:
+            encoded = line.encode("latin-1")
+        except UnicodeEncodeError:
+            continue
+        if encoded and not _has_controls(encoded):
+            kept.append(encoded + b"\r\n")
+    return b"".join(kept)
+
+
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a header value (tab is)
+
+
+def _has_controls(data: bytes) -> bool:
+    return _CONTROL_BYTES.search(data) is not None
+
+
 class UpstreamPool:
     """Keep-alive connections to every worker, opened on demand and reused LIFO."""
 
     def __init__(self, connect_timeout_s: float = 5.0, read_timeout_s: float = 600.0,
-                 max_idle_per_worker: int = 512) -> None:
+                 max_idle_per_worker: int = 512, first_byte_timeout_s: float | None = None) -> None:
+        """read_timeout_s: longest silence between pieces of body; first_byte_timeout_s: longest wait for
+        the response head (defaults to read_timeout_s). `post` can override both per request."""
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
+        self.first_byte_timeout_s = read_timeout_s if first_byte_timeout_s is None else first_byte_timeout_s
         self.max_idle_per_worker = max_idle_per_worker
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._targets: dict[str, tuple[str, int, bool, str]] = {}
@@ -395,15 +406,20 @@ class UpstreamPool:
         if conn.transport is not None:
             conn.transport.close()
 
-    async def post(self, base_url: str, path: str, body: bytes, extra_headers: str = "") -> UpstreamResponse:
+    async def post(self, base_url: str, path: str, body: bytes, extra_headers: str = "", *,
+                   first_byte_timeout_s: float | None = None, idle_timeout_s: float | None = None) -> UpstreamResponse:
         """Send a JSON POST and return once the response head has arrived.
 
-        extra_headers: already formatted "Name: value\\r\\n" lines.
+        extra_headers: already formatted "Name: value\\r\\n" lines; a line that is not valid in HTTP
+        (not latin-1, or with control characters) is left out rather than sent.
+        first_byte_timeout_s / idle_timeout_s: this request's timeouts (default: the pool's).
         """
         host, port, tls, host_header = self._target(base_url)
         request = (f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\nContent-Type: application/json\r\n"
-                   f"Accept-Encoding: identity\r\nContent-Length: {len(body)}\r\n{extra_headers}\r\n").encode(
-            "latin-1") + body
+                   f"Accept-Encoding: identity\r\nContent-Length: {len(body)}\r\n").encode("latin-1")
+        request += _header_block(extra_headers) + b"\r\n" + body
+        first_byte_s = self.first_byte_timeout_s if first_byte_timeout_s is None else first_byte_timeout_s
+        idle_s = self.read_timeout_s if idle_timeout_s is None else idle_timeout_s
         key = (host, port, tls)
         loop = asyncio.get_running_loop()
         for _ in range(2):
@@ -418,7 +434,7 @@ class UpstreamPool:
             if conn is None:
                 conn = await self._connect(host, port, tls)
                 conn.key = key
-            response = UpstreamResponse(loop, self.read_timeout_s, self)
+            response = UpstreamResponse(loop, first_byte_s, idle_s, self)
             conn.start(request, response)
             try:
                 await response.wait_head()

@@ -6,7 +6,14 @@ import asyncio
 
 import pytest
 
-from router.upstream import UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamTimeout
+from router.upstream import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamFirstByteTimeout,
+    UpstreamPool,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 
 
 class ScriptedServer:
@@ -34,6 +41,9 @@ class ScriptedServer:
                     await asyncio.sleep(10)
                     return
                 for part in reply:
+                    if isinstance(part, float):  # a pause in the script
+                        await asyncio.sleep(part)
+                        continue
                     writer.write(part)
                     await writer.drain()
                     await asyncio.sleep(0.005)
@@ -143,5 +153,122 @@ def test_failures_are_typed():
             with pytest.raises(UpstreamError):
                 await resp.read_chunk()
         pool.close()
+
+    run(main())
+
+
+# Each reply breaks HTTP/1.1 framing; the client must raise UpstreamProtocolError promptly: never return a
+# short or spliced body, never wait for a timeout (the pool's timeouts here are far beyond the test's).
+_BIG_HEAD = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(70))
+MALFORMED = {
+    "negative content-length": [b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nbody"],
+    "conflicting content-length": [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 4\r\n\r\nbody"],
+    "content-length with chunked": [b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    b"4\r\nbody\r\n0\r\n\r\n"],
+    "bare LF line endings": [b"HTTP/1.1 200 OK\nContent-Length: 4\n\nbody"],
+    "bare LF inside a header value": [b"HTTP/1.1 200 OK\r\nX-Evil: a\nSet-Cookie: b\r\nContent-Length: 4\r\n\r\nbody"],
+    "bare CR inside a header value": [b"HTTP/1.1 200 OK\r\nX-Evil: a\rb\r\nContent-Length: 4\r\n\r\nbody"],
+    "response head over 64 KB": [_BIG_HEAD[:40000], _BIG_HEAD[40000:], b"Content-Length: 4\r\n\r\nbody"],
+    "endless head": [_BIG_HEAD],
+    "status 999": [b"HTTP/1.1 999 Odd\r\nContent-Length: 4\r\n\r\nbody"],
+    "status 099": [b"HTTP/1.1 099 Odd\r\nContent-Length: 4\r\n\r\nbody"],
+    "transfer-encoding other than chunked": [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nbody"],
+    "bad chunk size": [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nbody\r\n0\r\n\r\n"],
+    "chunk longer than its size": [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nbody\r\n0\r\n\r\n"],
+    "not HTTP at all": [b"SMTP ready\r\n\r\n"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_framing_is_a_protocol_error(case):
+    async def main():
+        async with ScriptedServer([MALFORMED[case]]) as server:
+            pool = UpstreamPool(connect_timeout_s=2, read_timeout_s=60)
+            with pytest.raises(UpstreamProtocolError):
+                resp = await pool.post(server.url, "/", b"{}")
+                await resp.read()  # some errors only show in the body; none may return a short body
+            pool.close()
+
+    run(main())
+
+
+def test_a_large_body_in_the_same_segment_as_the_head_is_not_a_large_head():
+    async def main():
+        body = b"x" * 200_000
+        reply = [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body]
+        async with ScriptedServer([reply]) as server:
+            pool = UpstreamPool()
+            assert await (await pool.post(server.url, "/", b"{}")).read() == body
+            pool.close()
+
+    run(main())
+
+
+def test_bytes_beyond_the_body_are_not_read_as_the_next_answer():
+    async def main():
+        spliced = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad"]
+        clean = [b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood"]
+        async with ScriptedServer([spliced, clean]) as server:
+            pool = UpstreamPool()
+            assert await (await pool.post(server.url, "/", b"{}")).read() == b"ok"
+            await asyncio.sleep(0.05)
+            assert await (await pool.post(server.url, "/", b"{}")).read() == b"good"
+            assert server.connections == 2, "a connection with stray bytes is never reused"
+            pool.close()
+
+    run(main())
+
+
+def test_first_byte_timeout_is_separate_from_the_inter_chunk_timeout():
+    async def main():
+        # A slow head (prefill under load) within the first-byte timeout is fine even when it is longer
+        # than the inter-chunk timeout.
+        slow_head = [0.5, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+        async with ScriptedServer([slow_head]) as server:
+            pool = UpstreamPool(read_timeout_s=0.2, first_byte_timeout_s=10)
+            assert await (await pool.post(server.url, "/", b"{}")).read() == b"ok"
+            pool.close()
+        # No head at all: the first-byte timeout, typed as such.
+        async with ScriptedServer(["hang"]) as server:
+            pool = UpstreamPool(read_timeout_s=10, first_byte_timeout_s=0.2)
+            with pytest.raises(UpstreamFirstByteTimeout):
+                await pool.post(server.url, "/", b"{}")
+            pool.close()
+        # A head, then silence mid-body: the inter-chunk timeout (per request here, overriding the pool's).
+        stalled = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n", 5.0]
+        async with ScriptedServer([stalled]) as server:
+            pool = UpstreamPool(read_timeout_s=10, first_byte_timeout_s=10)
+            resp = await pool.post(server.url, "/", b"{}", idle_timeout_s=0.2)
+            assert await resp.read_chunk() == b"hi"
+            with pytest.raises(UpstreamTimeout) as caught:
+                await resp.read_chunk()
+            assert not isinstance(caught.value, UpstreamFirstByteTimeout)
+            pool.close()
+
+    run(main())
+
+
+def test_header_lines_that_are_not_valid_http_are_left_out():
+    async def main():
+        reply = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+        async with ScriptedServer([reply]) as server:
+            pool = UpstreamPool()
+            lines = "X-Request-ID: caf\u00e9-\u2603\r\ntraceparent: 00-abc\x01-01\r\nX-Keep: yes\r\n"
+            assert await (await pool.post(server.url, "/", b"{}", lines)).read() == b"ok"
+            sent = server.requests[0]
+            assert b"X-Keep: yes\r\n" in sent and b"X-Request-ID" not in sent and b"traceparent" not in sent
+            pool.close()
+
+    run(main())
+
+
+def test_interim_100_continue_is_skipped():
+    async def main():
+        reply = [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+        async with ScriptedServer([reply]) as server:
+            pool = UpstreamPool()
+            resp = await pool.post(server.url, "/", b"{}")
+            assert resp.status == 200 and await resp.read() == b"ok"
+            pool.close()
 
     run(main())

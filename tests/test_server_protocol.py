@@ -126,3 +126,75 @@ def test_tokenize_and_detokenize_bodies():
     rejects(parse_tokenize_request, {}, "prompt")
     assert parse_detokenize_request({"tokens": [1, 2]}).tokens == [1, 2]
     rejects(parse_detokenize_request, {"tokens": [1, "a"]}, "tokens")
+
+
+# ---------------------------------------------------------------------- bounded input (worker.server.limits)
+from worker.server.limits import (  # noqa: E402 - grouped with the tests that use them
+    MAX_BODY_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_TOKEN_ID,
+    InputRejected,
+    decode_json_body,
+    header_value_ok,
+    json_depth_exceeds,
+)
+
+
+def decode_rejects(raw: bytes, status: int = 400) -> str:
+    with pytest.raises(InputRejected) as caught:
+        decode_json_body(raw)
+    assert caught.value.status == status
+    return caught.value.message
+
+
+def test_body_nested_past_the_depth_limit_is_refused_before_parsing():
+    assert "deeper than" in decode_rejects(b"[" * 990 + b"]" * 990)
+    assert "deeper than" in decode_rejects(b'{"a":' * 200 + b"1" + b"}" * 200)
+    assert decode_json_body(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH) is not None
+    # Brackets inside strings are text, not nesting (a prompt about code may hold thousands).
+    assert decode_json_body(b'{"prompt": "' + b"[{" * 5000 + b'"}')["prompt"].startswith("[{[{")
+    assert json_depth_exceeds(b'["\\"[[[[[[[[[[["' + b"]" * 3, max_depth=2) is False
+
+
+def test_huge_integers_nan_and_bad_unicode_are_400s():
+    assert "digits" in decode_rejects(b'{"max_tokens": ' + b"9" * 5000 + b"}")
+    assert "digits" in decode_rejects(b'{"seed": -' + b"1" * 30 + b"}")
+    assert decode_json_body(b'{"seed": -9223372036854775808}')["seed"] == -(2**63)
+    assert "finite" in decode_rejects(b'{"temperature": NaN}')
+    assert "finite" in decode_rejects(b'{"temperature": -Infinity}')
+    assert "UTF-8" in decode_rejects(b'{"prompt": "\xff\xfe"}')
+    assert "surrogate" in decode_rejects(b'{"prompt": "a\\ud800b"}')
+    assert "surrogate" in decode_rejects(b'{"messages": [{"role": "user", "content": "\\udfff"}]}')
+    assert "surrogate" in decode_rejects(b'{"\\ud800": 1}')
+    assert decode_json_body(b'{"prompt": "\\ud83d\\ude00"}')["prompt"] == "\U0001F600"  # a valid pair
+    assert "not valid JSON" in decode_rejects(b'{"prompt": "unterminated')
+    assert "empty" in decode_rejects(b"  ")
+
+
+def test_body_over_the_shared_limit_is_413():
+    assert "limit" in decode_rejects(b" " * (MAX_BODY_BYTES + 1), status=413)
+
+
+def test_header_value_check():
+    assert header_value_ok("req-123\tabc") and header_value_ok("caf\u00e9")
+    assert not header_value_ok("caf\u00e9\u2603") and not header_value_ok("a\rb") and not header_value_ok("a\x7f")
+
+
+def test_numeric_fields_have_upper_bounds():
+    rejects(parse_completion_request, {"prompt": "x", "max_tokens": 2**40}, "max_tokens")
+    rejects(parse_chat_request, {**CHAT, "max_completion_tokens": 2**40}, "max_completion_tokens")
+    rejects(parse_completion_request, {"prompt": "x", "top_k": 2**40}, "top_k")
+    rejects(parse_completion_request, {"prompt": "x", "min_tokens": 2**40}, "min_tokens")
+    rejects(parse_completion_request, {"prompt": "x", "priority": 2**40}, "priority")
+    rejects(parse_completion_request, {"prompt": "x", "seed": 2**63}, "seed")
+    rejects(parse_completion_request, {"prompt": "x", "logprobs": 2**40}, "logprobs")
+    rejects(parse_chat_request, {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs")
+    rejects(parse_completion_request, {"prompt": [1, MAX_TOKEN_ID + 1]}, "prompt")
+    rejects(parse_completion_request, {"prompt": "x", "stop": "s" * 1025}, "stop")
+    rejects(parse_completion_request, {"prompt": "x", "stop": ["ok", "s" * 1025]}, "stop")
+    rejects(parse_completion_request, {"prompt": "x", "stop_token_ids": list(range(1025))}, "stop_token_ids")
+    rejects(parse_completion_request, {"prompt": "x", "stop_token_ids": [2**40]}, "stop_token_ids")
+    rejects(parse_completion_request, {"prompt": ["a"] * 3, "n": 100}, "n")
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        rejects(parse_completion_request, {"prompt": "x", name: 1e300}, name)
+    assert parse_completion_request({"prompt": "x", "stop": "s" * 1024, "top_k": MAX_TOKEN_ID}).params.top_k == MAX_TOKEN_ID

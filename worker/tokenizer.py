@@ -115,6 +115,13 @@ class Tokenizer:
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_long(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`encode` for long texts, run from a thread: the Rust tokenizer's batch entry point releases the
+        GIL (its single-text one does not), so the event loop keeps running while this works."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode_long() takes a str, got {type(text).__name__}")
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
     def decode(self, ids: Sequence[int] | int, skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Ids outside the tokenizer (negative, or beyond it in a larger model vocab) decode to
         nothing, as unused ids of real checkpoints do."""

@@ -16,13 +16,14 @@ from worker.server.chat import chat_completions
 from worker.server.completions import completions
 from worker.server.context import CTX_KEY, ServerContext, read_json
 from worker.server.errors import ApiError, internal_error
+from worker.server.limits import MAX_BODY_BYTES  # the router imports the same limit
 from worker.server.metrics import CONTENT_TYPE
+from worker.server.request_id import request_id_middleware
 from worker.server.protocol import parse_detokenize_request, parse_tokenize_request
 from worker.server.streaming import json_response
 
 log = logging.getLogger("radixfleet.worker")
 
-MAX_BODY_BYTES = 64 * 1024 * 1024  # long prompts as JSON token-id arrays get big
 
 
 @web.middleware
@@ -104,10 +105,11 @@ async def tokenize(request: web.Request) -> web.Response:
     body = parse_tokenize_request(await read_json(request))
     ctx.check_model(body.model)
     if body.messages is not None:
-        text = ctx.render_chat(body.messages, body.tools, body.add_generation_prompt, body.chat_template_kwargs)
+        text = await ctx.render_chat_off_loop(body.messages, body.tools, body.add_generation_prompt,
+                                              body.chat_template_kwargs)
     else:
         text = body.prompt
-    tokens = ctx.encode(text, add_special_tokens=body.add_special_tokens)
+    tokens = await ctx.encode_off_loop(text, add_special_tokens=body.add_special_tokens)
     return json_response({"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens})
 
 
@@ -119,7 +121,7 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 def build_app(ctx: ServerContext) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, track_active], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[request_id_middleware, error_middleware, track_active], client_max_size=MAX_BODY_BYTES)
     app[CTX_KEY] = ctx
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)

@@ -19,10 +19,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = parse_chat_request(body)
     ctx.check_model(chat.model)
     ctx.check_serving()
-    prompt = ctx.render_chat(chat.messages, chat.tools, chat.add_generation_prompt, chat.chat_template_kwargs)
+    prompt = await ctx.render_chat_off_loop(chat.messages, chat.tools, chat.add_generation_prompt, chat.chat_template_kwargs)
     # The template writes the BOS and other special tokens itself.
-    prompt_ids = ctx.encode(prompt, add_special_tokens=False)
+    prompt_ids = await ctx.encode_off_loop(prompt, add_special_tokens=False)
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    ctx.check_generation_budget(prompt_ids, chat.params, max_name)
     generation = ctx.new_generation(prompt_ids, chat.params, param_names={"prompt": "messages", "max_tokens": max_name})
     generation.start()
     try:

@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, seconds in-flight requests may run on before they are aborted")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_engine_arguments(parser)
+    parser.add_argument("--metrics-prefix", choices=("radixfleet", "vllm"), default=None,
+                        help="vllm: also export every radixfleet: metric as vllm:* for vLLM dashboards "
+                             "(default: $RADIXFLEET_METRICS_PREFIX, else radixfleet)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,6 +85,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not (0 < args.port < 65536):
         print(f"radixfleet worker: --port must be between 1 and 65535, got {args.port}")
+        return 2
+    from worker.server.metrics import configure_metrics
+
+    try:
+        configure_metrics(args.metrics_prefix, config)
+    except ValueError as error:  # a bad RADIXFLEET_METRICS_PREFIX
+        print(f"radixfleet worker: {error}")
         return 2
     options = ServeOptions(config, args.host, args.port, args.served_model_name or [], args.shutdown_timeout)
     return run_server(options)

@@ -27,7 +27,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     many = len(completion.prompts) > 1
     prompt_ids = []
     for prompt in completion.prompts:
-        prompt_ids.append(ctx.encode(prompt) if isinstance(prompt, str) else prompt)
+        ids = await ctx.encode_off_loop(prompt) if isinstance(prompt, str) else prompt
+        ctx.check_generation_budget(ids, completion.params)
+        prompt_ids.append(ids)
     n = completion.params.n
     generations = [
         ctx.new_generation(ids, completion.params, index_offset=p * n,

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 import uuid
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from worker.config import EngineConfig
 from worker.sampling_params import SamplingParams
 from worker.server.engine_client import EngineClient
 from worker.server.errors import ApiError, bad_request, engine_unavailable, model_not_found
 from worker.server.generation import Generation
+from worker.server.limits import (
+    DEFAULT_MAX_GENERATED_TOKENS,
+    MAX_BODY_BYTES,
+    OFFLOAD_CHARS,
+    InputRejected,
+    decode_json_body,
+)
 from worker.server.logprobs import TokenTexts
 from worker.server.metrics import WorkerMetrics
 
@@ -28,12 +36,15 @@ class ServerContext:
         model_name: str,
         max_model_len: int,
         served_model_names: list[str] | None = None,
+        max_generated_tokens: int = DEFAULT_MAX_GENERATED_TOKENS,
     ):
         self.config = config
         self.client = client
         self.tokenizer = tokenizer
         self.token_texts = TokenTexts(tokenizer)
         self.max_model_len = max_model_len
+        # n * max_tokens bound of one request; never below the context length, so n=1 is never refused
+        self.max_generated_tokens = max(max_generated_tokens, max_model_len)
         self.served_model_names = list(served_model_names or [model_name])
         self.model_name = self.served_model_names[0]  # what responses report in "model"
         self.metrics = WorkerMetrics(self.model_name)
@@ -57,6 +68,17 @@ class ServerContext:
 
     # The context length, the vocabulary and the waiting queue are checked by the engine alone (it owns
     # those limits); a refusal comes back through Generation.first_updates() as the same 400 / 503.
+    # The one frontend-only check is this worker's bound on tokens generated for one request.
+    def check_generation_budget(self, prompt_token_ids: list[int], params: SamplingParams,
+                                max_tokens_param: str = "max_tokens") -> None:
+        """n * max_tokens (or the rest of the context) over `max_generated_tokens` is a 400 naming `n`."""
+        per_choice = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_token_ids)
+        if params.n * per_choice > self.max_generated_tokens:
+            raise bad_request(
+                "n",
+                f"n * {max_tokens_param} may generate up to {params.n * per_choice} tokens, over this worker's "
+                f"limit of {self.max_generated_tokens}: lower 'n' or set a smaller '{max_tokens_param}'.",
+            )
 
     # ------------------------------------------------------------------ requests
     def new_generation(self, prompt_token_ids: list[int], params: SamplingParams, index_offset: int = 0,
@@ -77,6 +99,32 @@ class ServerContext:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
+    async def render_chat_off_loop(self, messages: list[dict], tools: list | None, add_generation_prompt: bool = True,
+                                   template_kwargs: dict | None = None) -> str:
+        """`render_chat`, in a thread when the messages are long."""
+        size = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        return await _off_loop_if_large(size, self.render_chat, messages, tools, add_generation_prompt,
+                                        template_kwargs)
+
+    async def encode_off_loop(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`encode`, in a thread when the text is long, through the tokenizer's GIL-releasing entry point
+        (without it the thread would hold the GIL, and the loop, for the whole tokenization)."""
+        if len(text) <= OFFLOAD_CHARS:
+            return self.encode(text, add_special_tokens)
+        encode_long = getattr(self.tokenizer, "encode_long", self.tokenizer.encode)
+        return await _off_loop_if_large(len(text), encode_long, text, add_special_tokens=add_special_tokens)
+
+
+async def _off_loop_if_large(size: int, fn, *args, **kwargs):
+    """fn(*args, **kwargs), in the default thread pool when `size` (characters) is over OFFLOAD_CHARS.
+
+    A 10 MB prompt takes seconds to tokenize; on the event loop it would stall /health and every
+    stream this worker serves. Small inputs stay inline: a thread hop costs more than they do.
+    """
+    if size <= OFFLOAD_CHARS:
+        return fn(*args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
+
 
 CTX_KEY: "web.AppKey[ServerContext]" = web.AppKey("radixfleet_ctx", ServerContext)
 
@@ -95,12 +143,18 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 async def read_json(request: web.Request):
-    """The decoded JSON body; 400 when it is not JSON."""
+    """The decoded JSON body within the limits of `worker.server.limits`; 400 (or 413) otherwise."""
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, "The request body is too large.", code="request_too_large") from None
+        raise ApiError(413, f"The request body is larger than the limit of {MAX_BODY_BYTES} bytes.",
+                       code="request_too_large") from None
+    except RequestPayloadError as error:  # e.g. Content-Encoding: gzip on a body that is not gzip
+        reason = str(error).replace("\n", " ").strip()
+        raise bad_request(None, f"The request body could not be read ({reason}).") from None
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise bad_request(None, f"The request body is not valid JSON: {error}") from None
+        if len(raw) > OFFLOAD_CHARS * 16:  # about 1 MB: decode in a thread, as for tokenization
+            return await asyncio.get_running_loop().run_in_executor(None, decode_json_body, raw)
+        return decode_json_body(raw)
+    except InputRejected as error:
+        raise ApiError(error.status, f"{error.message}.", code=error.code) from None

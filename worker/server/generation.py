@@ -82,6 +82,8 @@ class Generation:
         self._stream: RequestStream | None = None
         self._arrival = time.monotonic()
         self._last_token_time: float | None = None
+        self._first_token_time: float | None = None
+        self._scheduled_time: float | None = None  # sent by engines that report it (see worker.server.metrics)
         self._finish_reason_of_first = FinishReason.ABORT  # the metrics label of the request
 
     @property
@@ -115,7 +117,8 @@ class Generation:
             self.client.abort(self.request_id)
             self._finished = [True] * self.params.n
             if self.metrics is not None:
-                self.metrics.observe_finished(self, time.monotonic() - self._arrival, FinishReason.ABORT)
+                self.metrics.observe_finished(self, time.monotonic() - self._arrival, FinishReason.ABORT,
+                                              self._decode_seconds())
 
     # ------------------------------------------------------------------ internals
     async def _next(self) -> list[ChoiceUpdate]:
@@ -128,6 +131,8 @@ class Generation:
         now = time.monotonic()
         updates: dict[int, ChoiceUpdate] = {}
         for output in outputs:
+            if self._scheduled_time is None:
+                self._scheduled_time = getattr(output, "scheduled_time", None)
             update = self._apply(output)
             if update is None:
                 continue
@@ -140,7 +145,8 @@ class Generation:
         if self.finished:
             self.client.release(self.request_id)
             if self.metrics is not None:
-                self.metrics.observe_finished(self, now - self._arrival, self._finish_reason_of_first)
+                self.metrics.observe_finished(self, now - self._arrival, self._finish_reason_of_first,
+                                              self._decode_seconds())
         return [updates[i] for i in sorted(updates)]
 
     def _apply(self, output: EngineOutput) -> ChoiceUpdate | None:
@@ -176,13 +182,19 @@ class Generation:
             self._last_token_time = now
             return
         if self._last_token_time is None:
-            self.metrics.time_to_first_token.observe(now - self._arrival)
+            self._first_token_time = now
+            self.metrics.observe_first_token(self._arrival, now, self._scheduled_time)
         else:
             # Several steps' tokens may arrive together; spread the gap over them.
             gap = (now - self._last_token_time) / max(1, num_tokens)
             for _ in range(min(num_tokens, 64)):
                 self.metrics.inter_token_latency.observe(gap)
         self._last_token_time = now
+
+    def _decode_seconds(self) -> float | None:
+        if self._first_token_time is None or self._last_token_time is None:
+            return None
+        return self._last_token_time - self._first_token_time
 
 
 async def merge_generations(generations: list[Generation]) -> AsyncIterator[list[ChoiceUpdate]]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from worker.sampling_params import MAX_LOGPROBS, InvalidParameter, SamplingParams
 from worker.server.errors import bad_request
+from worker.server.limits import MAX_PRIORITY, MAX_STOP_STRING_CHARS, MAX_STOP_TOKEN_IDS, MAX_TOKEN_ID
 
 # Sampling fields passed to SamplingParams under the same name (vLLM-style extensions included).
 _SAMPLING_FIELDS = (
@@ -65,6 +66,7 @@ CHAT_FIELDS = _COMMON_FIELDS | {
 }
 SEED_RANGE = (-(2**63), 2**63 - 1)
 MAX_PROMPTS_PER_REQUEST = 256  # prompts in one /v1/completions batch
+MAX_CHOICES_PER_REQUEST = 256  # n * prompts: each choice is a sequence in the engine
 
 
 @dataclass
@@ -191,6 +193,7 @@ def _sampling_params(body: dict, max_tokens: int | None, max_tokens_name: str, l
         raise bad_request("seed", f"'seed' must fit in a signed 64-bit integer, got {kwargs['seed']}.")
     if "top_k" in kwargs and kwargs["top_k"] == -1:
         kwargs["top_k"] = 0  # vLLM spelling of "disabled"
+    _check_bounds(kwargs)
     try:
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
     except InvalidParameter as error:
@@ -200,10 +203,34 @@ def _sampling_params(body: dict, max_tokens: int | None, max_tokens_name: str, l
         raise bad_request(None, f"Invalid sampling parameter: {error}") from None
 
 
+def _check_bounds(kwargs: dict) -> None:
+    """Upper bounds SamplingParams leaves open: past them a value only costs the engine time or memory."""
+    for name, low, high in (("top_k", 0, MAX_TOKEN_ID), ("min_tokens", 0, MAX_TOKEN_ID),
+                            ("priority", -MAX_PRIORITY, MAX_PRIORITY)):
+        value = kwargs.get(name)
+        if _is_int(value) and not (low <= value <= high):
+            raise bad_request(name, f"'{name}' must be between {low} and {high}, got {value}.")
+    stop = kwargs.get("stop")
+    for text in [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []:
+        if isinstance(text, str) and len(text) > MAX_STOP_STRING_CHARS:
+            raise bad_request("stop", f"each stop string must be at most {MAX_STOP_STRING_CHARS} characters, "
+                              f"got one of {len(text)}.")
+    stop_ids = kwargs.get("stop_token_ids")
+    if isinstance(stop_ids, list):
+        if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad_request("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} stop token ids are allowed, "
+                              f"got {len(stop_ids)}.")
+        if any(_is_int(t) and t > MAX_TOKEN_ID for t in stop_ids):
+            raise bad_request("stop_token_ids", f"token ids must be at most {MAX_TOKEN_ID}.")
+
+
 def _positive_int_or_none(body: dict, name: str) -> int | None:
+    """An integer field (token counts, logprobs): a type error or a value beyond 32 bits is a 400."""
     value = body.get(name)
     if value is not None and not _is_int(value):
         raise bad_request(name, f"'{name}' must be an integer, got {_type_name(value)} {_short(value)}.")
+    if value is not None and abs(value) > MAX_TOKEN_ID:
+        raise bad_request(name, f"'{name}' must be at most {MAX_TOKEN_ID}, got {value}.")
     return value
 
 
@@ -228,6 +255,9 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     best_of = _positive_int_or_none(body, "best_of")
     if best_of is not None and best_of != params.n:
         raise bad_request("best_of", "'best_of' other than 'n' is not supported; set best_of = n or leave it out.")
+    if params.n * len(prompts) > MAX_CHOICES_PER_REQUEST:
+        raise bad_request("n", f"n * (number of prompts) must be at most {MAX_CHOICES_PER_REQUEST}, got "
+                          f"{params.n} * {len(prompts)}.")
     return CompletionRequest(model, prompts, params, stream, include_usage, echo, logprobs, continuous_usage)
 
 
@@ -256,8 +286,8 @@ def _parse_prompts(prompt: Any) -> list[str | list[int]]:
 
 
 def _token_ids(ids: list, param: str) -> list[int]:
-    if any(t < 0 for t in ids):
-        raise bad_request(param, "token ids must be non-negative integers.")
+    if any(t < 0 or t > MAX_TOKEN_ID for t in ids):
+        raise bad_request(param, f"token ids must be integers between 0 and {MAX_TOKEN_ID}.")
     return list(ids)
 
 
