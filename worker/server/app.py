@@ -1,12 +1,13 @@
 """The aiohttp application: routes, the error middleware, and the small endpoints.
 
 Generation endpoints live in `chat.py` and `completions.py`; this module serves `/v1/models`,
-`/health`, `/load`, `/metrics`, `/tokenize` and `/detokenize`, and turns every error into an
+`/health`, `/load`, `/metrics`, `/tokenize`, `/detokenize` and `/version`, and turns every error into an
 OpenAI error object (never an HTML page, never a 500 for bad input).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 
 from aiohttp import web
@@ -120,6 +121,18 @@ async def detokenize(request: web.Request) -> web.Response:
     return json_response({"prompt": ctx.tokenizer.decode(body.tokens, skip_special_tokens=False)})
 
 
+def package_version() -> str:
+    """The installed radixfleet version (pyproject's), or "unknown" when run from a bare source tree."""
+    try:
+        return importlib.metadata.version("radixfleet")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+async def version(request: web.Request) -> web.Response:
+    return json_response({"version": package_version()})
+
+
 def build_app(ctx: ServerContext) -> web.Application:
     app = web.Application(middlewares=[request_id_middleware, error_middleware, track_active], client_max_size=MAX_BODY_BYTES)
     app[CTX_KEY] = ctx
@@ -131,4 +144,5 @@ def build_app(ctx: ServerContext) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
+    app.router.add_get("/version", version)
     return app

@@ -14,6 +14,7 @@ import logging
 import typing
 
 from worker.config import DEVICES, EXECUTORS, POLICIES, ConfigError, EngineConfig
+from worker.server.drop_in import add_drop_in_arguments, drop_in_options_from_args
 
 _CHOICES = {"device": DEVICES, "executor": EXECUTORS, "policy": POLICIES,
             "dtype": ("auto", "float32", "float16", "bfloat16"), "overlap_schedule": ("auto", "on", "off")}
@@ -68,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                         help="on SIGTERM, seconds in-flight requests may run on before they are aborted")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_drop_in_arguments(parser)
     add_engine_arguments(parser)
     parser.add_argument("--metrics-prefix", choices=("radixfleet", "vllm"), default=None,
                         help="vllm: also export every radixfleet: metric as vllm:* for vLLM dashboards "
@@ -93,5 +95,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:  # a bad RADIXFLEET_METRICS_PREFIX
         print(f"radixfleet worker: {error}")
         return 2
-    options = ServeOptions(config, args.host, args.port, args.served_model_name or [], args.shutdown_timeout)
+    options = ServeOptions(config, args.host, args.port, args.served_model_name or [], args.shutdown_timeout,
+                           drop_in=drop_in_options_from_args(args))
     return run_server(options)

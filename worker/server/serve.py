@@ -18,6 +18,8 @@ from aiohttp import web
 from worker.config import EngineConfig
 from worker.server.app import build_app
 from worker.server.context import ServerContext
+from worker.server.drop_in import DropInOptions
+from worker.server.drop_in import configure as configure_drop_in
 from worker.server.engine_client import EngineClient, EngineStartError
 from worker.server.engine_process import DEFAULT_ENGINE_FACTORY
 
@@ -32,6 +34,7 @@ class ServeOptions:
     served_model_names: list[str] = field(default_factory=list)
     shutdown_timeout_s: float = 30.0  # how long in-flight requests may run on after SIGTERM
     engine_factory: str = DEFAULT_ENGINE_FACTORY
+    drop_in: DropInOptions = field(default_factory=DropInOptions)
 
 
 def load_tokenizer(model_path: str):
@@ -75,6 +78,7 @@ async def serve(options: ServeOptions) -> int:
     tokenizer = info.tokenizer if info.tokenizer is not None else load_tokenizer(info.model_path)
     ctx = ServerContext(options.config, client, tokenizer, info.model_name, info.max_model_len,
                         options.served_model_names or None)
+    configure_drop_in(ctx, options.drop_in, info.model_path)
     # handler_cancellation: a client that disconnects cancels its handler, whose cleanup aborts the
     # request in the engine and frees its KV (streaming responses also notice on their next write).
     runner = web.AppRunner(build_app(ctx), handler_cancellation=True, access_log=None)
