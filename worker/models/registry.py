@@ -1,6 +1,7 @@
 """Turn a `--model` argument into a checkpoint folder.
 
-`resolve_model(name_or_path)`: an existing folder is used as is; a built-in preset name is written once
+`resolve_model(name_or_path)`: an existing folder is used as is; a Hugging Face hub id is looked up in the
+local Hugging Face cache (worker.models.hub, no downloads); a built-in preset name is written once
 (seed 0, the preset's dtype) to ``$RADIXFLEET_HOME/models/<name>-seed0`` and reused afterwards
 (RADIXFLEET_HOME defaults to ~/.cache/radixfleet). Workers starting together on one machine take a file
 lock, so one of them writes the checkpoint while the others wait for it.
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from worker.models.checkpoint_writer import write_checkpoint, write_config_and_tokenizer
+from worker.models.hub import looks_like_hub_id, resolve_hub_id
 from worker.models.presets import is_preset, preset_names
 
 DEFAULT_HOME = "~/.cache/radixfleet"
@@ -41,6 +43,8 @@ def resolve_model(name_or_path: str, progress: bool = True, weights: bool = True
         return path
     if is_preset(name_or_path):
         return _materialise(name_or_path, progress) if weights else _materialise_config(name_or_path)
+    if looks_like_hub_id(name_or_path):
+        return resolve_hub_id(name_or_path)
     raise ValueError(
         f"--model {name_or_path!r} is neither an existing folder nor a built-in model; give the path of a "
         f"Hugging Face checkpoint folder or one of the built-ins: {', '.join(preset_names())}"
