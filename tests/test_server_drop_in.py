@@ -236,3 +236,27 @@ def _decode(client, tokens: list[int]) -> str:
 def test_version(worker):
     with urllib.request.urlopen(worker.url + "/version", timeout=10) as response:
         assert json.loads(response.read())["version"]
+
+
+# ---------------------------------------------------------------------- LangChain
+def test_langchain_bind_tools_required_and_structured_output(worker):
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class GetWeather(BaseModel):
+        """Forecast for a city."""
+
+        city: str = Field(max_length=8)
+        days: int = Field(ge=1, le=7)
+
+    class Verdict(BaseModel):
+        answer: bool
+        score: int = Field(ge=0, le=10)
+
+    llm = ChatOpenAI(base_url=worker.url + "/v1", api_key="unused", model=MODEL, temperature=0, max_tokens=120,
+                     max_retries=0)
+    message = llm.bind_tools([GetWeather], tool_choice="required").invoke("Weather in Paris?")
+    assert message.tool_calls and message.tool_calls[0]["name"] == "GetWeather"
+    jsonschema.validate(message.tool_calls[0]["args"], GetWeather.model_json_schema())
+    verdict = llm.with_structured_output(Verdict).invoke("Is it good?")
+    assert isinstance(verdict, Verdict) and 0 <= verdict.score <= 10
