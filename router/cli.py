@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="clients must send 'Authorization: Bearer KEY' (env RADIXFLEET_API_KEY)")
     a.add_argument("--admin-key", default=os.environ.get("RADIXFLEET_ADMIN_KEY"),
                    help="key for GET/POST/DELETE /workers (env RADIXFLEET_ADMIN_KEY); without it they are disabled")
+    a.add_argument("--worker-api-key", default=os.environ.get("RADIXFLEET_WORKER_API_KEY"),
+                   help="key the workers require (their --api-key), sent to them as a Bearer token "
+                        "(env RADIXFLEET_WORKER_API_KEY)")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -83,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         drain_timeout_s=args.drain_timeout,
         api_key=args.api_key or None,
         admin_key=args.admin_key or None,
+        worker_api_key=args.worker_api_key or None,
     )
 
 

@@ -50,6 +50,8 @@ class RouterConfig:
     worker_dns: str | None = None  # "hostname:port"
     dns_interval_s: float = 5.0
     worker_scheme: str = "http"
+    # sent to the workers as "Authorization: Bearer KEY" (workers started with --api-key)
+    worker_api_key: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting and how to fix it."""

@@ -32,7 +32,7 @@ def test_one_worker_per_visible_gpu_with_its_own_cuda_visible_devices():
 def test_no_gpu_means_two_cpu_workers_on_demo():
     specs = plan_workers(None, "auto", [], None, 8100)
     assert len(specs) == 2 and all(s.env == {} for s in specs)
-    assert specs[0].argv[-6:] == ["--model", "demo", "--port", "8100", "--device", "cpu"]
+    assert specs[0].argv[3:10] == ["worker", "--model", "demo", "--port", "8100", "--device", "cpu"]
 
 
 def test_bad_plans_are_explained():

@@ -23,6 +23,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # The template writes the BOS and other special tokens itself.
     prompt_ids = ctx.encode(prompt, add_special_tokens=False)
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if chat.params.max_tokens is None and ctx.default_max_tokens is not None:  # worker --default-max-tokens
+        chat.params.max_tokens = max(1, min(ctx.default_max_tokens, ctx.max_model_len - len(prompt_ids)))
     ctx.check_lengths(prompt_ids, chat.params, "messages", max_name)
     ctx.check_capacity()
     generation = ctx.new_generation(prompt_ids, chat.params)
