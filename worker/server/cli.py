@@ -66,7 +66,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
                          renamed: dict[str, tuple[str, ...]] | None = None) -> list[argparse.Action]:
     """One flag per EngineConfig field, typed and defaulted from the dataclass (plus its aliases).
 
-    `renamed`: field -> the only option strings to use for it (`up` has its own --policy)."""
+    `renamed`: field -> the only option strings to use for it, the first naming its dest (`up` has its
+    own --policy, so the worker's is --scheduling-policy, dest scheduling_policy, there)."""
     hints = typing.get_type_hints(EngineConfig)
     group = parser.add_argument_group("engine")
     actions = []
@@ -76,13 +77,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
         default = item.default
         kind = hints[item.name]
         names = (renamed or {}).get(item.name) or (_flag(item.name), *_ALIASES.get(item.name, ()))
+        dest = names[0][2:].replace("-", "_")  # a renamed flag has its own dest (see worker_argv)
         help_text = _HELP.get(item.name) or item.name.replace("_", " ")
         if kind is bool:
-            actions.append(group.add_argument(*names, dest=item.name, action=argparse.BooleanOptionalAction,
+            actions.append(group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction,
                                               default=default, help=help_text))
             continue
         scalar = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # int | None -> int
-        actions.append(group.add_argument(*names, dest=item.name, type=scalar, default=default,
+        actions.append(group.add_argument(*names, dest=dest, type=scalar, default=default,
                                           choices=_CHOICES.get(item.name), help=help_text))
     return actions
 
