@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -33,7 +34,7 @@ def _wait_up(proc: subprocess.Popen, port: int, timeout_s: float = 300) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise RuntimeError(f"radixfleet up exited with code {proc.returncode}")
+            raise RuntimeError(f"radixfleet up exited with code {proc.returncode}; its log: {proc.args[-1]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
                 if response.status == 200:
@@ -51,7 +52,8 @@ def measure(cpu_threads: str, workers: int, seconds: float, concurrency: int, ma
            "--host", "127.0.0.1", "--port", str(port), "--worker-base-port", str(base), "--log-level", "warning"]
     if cpu_threads != "share":
         cmd += ["--cpu-threads", cpu_threads]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    log = tempfile.NamedTemporaryFile(prefix="cpu-threads-bench-up-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     try:
         _wait_up(proc, port)

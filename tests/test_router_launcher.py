@@ -92,7 +92,7 @@ def _free_port_block(n: int) -> int:
 def test_up_starts_workers_and_router_restarts_a_crash_and_stops_cleanly():
     base = _free_port_block(3)
     router_port, worker_base = base, base + 1
-    standin = ROOT / "tests" / "standin_worker.py"
+    standin = ROOT / "bench" / "standin_worker.py"
     cmd = [sys.executable, "-m", "worker.cli", "up", "--device", "cpu", "--num-workers", "2",
            "--port", str(router_port), "--host", "127.0.0.1", "--worker-base-port", str(worker_base),
            "--worker-cmd", f"{{python}} {standin} --port {{port}} --name up{{index}} --model {{model}}"]
