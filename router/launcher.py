@@ -35,6 +35,9 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 # more (worker.server.serve); the launcher waits this much longer than that before it kills anything.
 STOP_MARGIN_S = 15.0
 WORKER_ABORT_WAIT_S = 10.0
+# A process that exits this many times before it ever becomes healthy is not going to: give up early.
+MAX_EXITS_BEFORE_HEALTHY = 3
+USAGE_ERROR_EXIT = 2  # what the radixfleet commands exit with on bad options
 
 
 @dataclass
@@ -147,6 +150,7 @@ class ManagedProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = False
         self.restarts = 0
+        self.given_up = False  # it exited on bad options and is not restarted
         self._supervisor: asyncio.Task | None = None
         self._relay_task: asyncio.Task | None = None
 
@@ -179,6 +183,11 @@ class ManagedProcess:
             code = await self.proc.wait()
             if self.stopping:
                 return
+            if code == USAGE_ERROR_EXIT:  # bad options: a restart would fail the same way
+                self.given_up = True
+                _say(f"{self.spec.name} exited with code {code} (bad options: see its message above); "
+                     "not restarting it")
+                return
             delay = self.backoff.delay_after(time.monotonic() - self.started_at)
             self.restarts += 1
             _say(f"{self.spec.name} exited with code {code}; restarting in {delay:.1f}s")
@@ -205,8 +214,6 @@ class ManagedProcess:
             self._supervisor.cancel()
 
 
-# A process that exits this many times before it ever becomes healthy is not going to: give up early.
-MAX_EXITS_BEFORE_HEALTHY = 3
 
 
 async def wait_healthy(url: str, process: ManagedProcess, timeout_s: float, stop: asyncio.Event) -> bool:
@@ -224,6 +231,8 @@ async def wait_healthy(url: str, process: ManagedProcess, timeout_s: float, stop
                         return True
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 pass
+            if process.given_up:
+                return False
             if process.restarts >= MAX_EXITS_BEFORE_HEALTHY:
                 _say(f"{process.spec.name} exited {process.restarts} times before becoming healthy: "
                      "see its log above")
@@ -236,6 +245,12 @@ async def wait_healthy(url: str, process: ManagedProcess, timeout_s: float, stop
             except asyncio.TimeoutError:
                 pass
     return False
+
+
+def stop_timeouts(shutdown_timeout_s: float) -> tuple[float, float]:
+    """(router, worker): how long each may take after SIGTERM before it is killed. The router drains
+    for shutdown_timeout_s; a worker drains as long, then aborts the rest and waits up to 10 s more."""
+    return shutdown_timeout_s + STOP_MARGIN_S, shutdown_timeout_s + WORKER_ABORT_WAIT_S + STOP_MARGIN_S
 
 
 def try_line(endpoint: str, model: str, api_key_hint: str | None) -> str:
@@ -262,10 +277,10 @@ def busy_ports(checks: list[tuple[str, int, str]]) -> list[str]:
 
 async def launch(workers: list[ProcessSpec], router: ProcessSpec, health_timeout_s: float,
                  endpoint: str, stop: asyncio.Event | None = None, try_command: str | None = None,
-                 stop_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S + STOP_MARGIN_S) -> int:
+                 shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> int:
     """Start everything, wait for health, print the endpoint, then supervise until stopped.
 
-    stop_timeout_s: how long the router, then each worker, may take to drain after SIGTERM."""
+    shutdown_timeout_s: the drain time given to the router and the workers (see stop_timeouts)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -286,8 +301,8 @@ async def launch(workers: list[ProcessSpec], router: ProcessSpec, health_timeout
             return 130
         if not all(results):
             bad = [p.spec.name for p, ok in zip(managed, results) if not ok]
-            _say(f"{', '.join(bad)} did not become healthy (timeout {health_timeout_s:.0f}s): "
-                 "see their logs above; stopping")
+            _say(f"{', '.join(bad)} did not become healthy (within --health-timeout {health_timeout_s:.0f} s, "
+                 "or stopped): see their logs above; stopping")
             return 1
         await router_proc.start()
         if not await wait_healthy(router.health_url, router_proc, 60, stop):
@@ -301,8 +316,9 @@ async def launch(workers: list[ProcessSpec], router: ProcessSpec, health_timeout
         await stop.wait()
     finally:
         _say("stopping: router first (drains in-flight requests), then workers")
-        await router_proc.stop(stop_timeout_s)
-        await asyncio.gather(*(p.stop(stop_timeout_s + WORKER_ABORT_WAIT_S) for p in managed))
+        router_stop_s, worker_stop_s = stop_timeouts(shutdown_timeout_s)
+        await router_proc.stop(router_stop_s)
+        await asyncio.gather(*(p.stop(worker_stop_s) for p in managed))
         _say("stopped")
     return code
 
@@ -368,12 +384,11 @@ def run(args: argparse.Namespace) -> int:
     if args.api_key:
         key_hint = "$RADIXFLEET_API_KEY" if os.environ.get("RADIXFLEET_API_KEY") == args.api_key else "YOUR_API_KEY"
     command = try_line(endpoint, model_name, key_hint)
-    stop_timeout = args.shutdown_timeout + STOP_MARGIN_S
     try:
         import uvloop
 
         return uvloop.run(launch(workers, router, args.health_timeout, endpoint, try_command=command,
-                                 stop_timeout_s=stop_timeout))
+                                 shutdown_timeout_s=args.shutdown_timeout))
     except ImportError:  # pragma: no cover
         return asyncio.run(launch(workers, router, args.health_timeout, endpoint, try_command=command,
-                                  stop_timeout_s=stop_timeout))
+                                  shutdown_timeout_s=args.shutdown_timeout))

@@ -165,3 +165,24 @@ def test_up_gives_up_on_a_worker_that_keeps_crashing_before_it_is_healthy():
     assert proc.returncode == 1
     assert "[worker0] no such model" in proc.stdout
     assert "worker0 exited 3 times before becoming healthy" in proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_up_does_not_restart_a_worker_that_exits_on_bad_options():
+    base = _free_port_block(2)
+    cmd = [sys.executable, "-m", "worker.cli", "up", "--device", "cpu", "--num-workers", "1",
+           "--port", str(base), "--worker-base-port", str(base + 1),
+           "--worker-cmd", "{python} -c 'import sys; print(\"bad option\"); sys.exit(2)'"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 1
+    assert "worker0 exited with code 2 (bad options: see its message above); not restarting it" in proc.stdout
+    assert proc.stdout.count("started worker0") == 1
+
+
+def test_stop_timeouts_outlast_the_drains():
+    from router.config import RouterConfig
+    from router.launcher import stop_timeouts
+
+    router_s, worker_s = stop_timeouts(RouterConfig().drain_timeout_s)
+    assert router_s > RouterConfig().drain_timeout_s  # the router is never killed mid-drain
+    assert worker_s > 30 + 10  # a worker drains --shutdown-timeout (30), then aborts and waits up to 10 s
