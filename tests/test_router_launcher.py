@@ -155,13 +155,18 @@ def test_up_starts_workers_and_router_restarts_a_crash_and_stops_cleanly():
             proc.wait()
 
 
-@pytest.mark.timeout(60)
-def test_up_gives_up_on_a_worker_that_keeps_crashing_before_it_is_healthy():
+def _up_with_a_failing_worker(exit_code: int) -> subprocess.CompletedProcess:
+    """`up` with one worker whose command prints a line and exits with exit_code."""
     base = _free_port_block(2)
     cmd = [sys.executable, "-m", "worker.cli", "up", "--device", "cpu", "--num-workers", "1",
            "--port", str(base), "--worker-base-port", str(base + 1),
-           "--worker-cmd", "{python} -c 'import sys; print(\"no such model\"); sys.exit(3)'"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+           "--worker-cmd", f"{{python}} -c 'import sys; print(\"no such model\"); sys.exit({exit_code})'"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+
+
+@pytest.mark.timeout(60)
+def test_up_gives_up_on_a_worker_that_keeps_crashing_before_it_is_healthy():
+    proc = _up_with_a_failing_worker(3)
     assert proc.returncode == 1
     assert "[worker0] no such model" in proc.stdout
     assert "worker0 exited 3 times before becoming healthy" in proc.stdout
@@ -169,11 +174,7 @@ def test_up_gives_up_on_a_worker_that_keeps_crashing_before_it_is_healthy():
 
 @pytest.mark.timeout(60)
 def test_up_does_not_restart_a_worker_that_exits_on_bad_options():
-    base = _free_port_block(2)
-    cmd = [sys.executable, "-m", "worker.cli", "up", "--device", "cpu", "--num-workers", "1",
-           "--port", str(base), "--worker-base-port", str(base + 1),
-           "--worker-cmd", "{python} -c 'import sys; print(\"bad option\"); sys.exit(2)'"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    proc = _up_with_a_failing_worker(2)
     assert proc.returncode == 1
     assert "worker0 exited with code 2 (bad options: see its message above); not restarting it" in proc.stdout
     assert proc.stdout.count("started worker0") == 1
