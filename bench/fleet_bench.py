@@ -427,7 +427,8 @@ def _run(args: argparse.Namespace) -> int:
     load = (f"{args.users} users, " + (f"open loop {args.rate}/s" if args.rate > 0 else "closed loop")
             + f", {args.duration}s per router, max_tokens {args.max_tokens}, seed {args.seed}")
     shape = {n: getattr(args, n) for n in WORKLOAD_FLAGS if getattr(args, n) is not None}
-    setup = f"{fleet}; workload {args.workload}{" " + str(shape) if shape else ""}; {load}; {cpu_model()}, {os.cpu_count()} cores"
+    workload = args.workload + (f" {shape}" if shape else "")
+    setup = f"{fleet}; workload {workload}; {load}; {cpu_model()}, {os.cpu_count()} cores"
     print(f"fleet bench: {setup}", flush=True)
     if args.router_url:
         rows = [run_external_router(args.router_url, args, logs)]
