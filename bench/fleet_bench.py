@@ -29,6 +29,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -216,7 +217,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[rank]
 
 
