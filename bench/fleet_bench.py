@@ -56,6 +56,49 @@ ROW_KEYS = ("router", "req_s", "output_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_
             "busiest_over_mean", "failed", "requests", "per_worker_requests", "per_worker_prompt_tokens")
 
 
+class StreamingFieldFilterShims(FieldFilterShims):
+    """FieldFilterShims (bench/cache_hit_bench.py) that stream the answer through as it arrives: the base
+    class reads whole responses, which would hide a peer's TTFT and ITL behind the full generation."""
+
+    def _handler(self, target: str):
+        from aiohttp import web
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            raw = await request.read()
+            try:
+                body = json.loads(raw) if request.method == "POST" and raw else None
+            except ValueError:
+                body = None
+            for _ in range(20):
+                if isinstance(body, dict):
+                    for name in self.dropped:
+                        body.pop(name, None)
+                    raw = json.dumps(body).encode()
+                async with self.session.request(request.method, target + request.path_qs, data=raw or None,
+                                                headers={"Content-Type": "application/json"}) as resp:
+                    if resp.status == 400 and isinstance(body, dict):
+                        data = await resp.read()
+                        try:
+                            param = json.loads(data)["error"]["param"]
+                        except (ValueError, KeyError, TypeError):
+                            param = None
+                        if isinstance(param, str) and param in body:
+                            self.dropped.add(param)
+                            continue
+                        return web.Response(status=400, body=data, content_type="application/json")
+                    out = web.StreamResponse(status=resp.status,
+                                             headers={"Content-Type": resp.headers.get("Content-Type",
+                                                                                       "application/json")})
+                    await out.prepare(request)
+                    async for chunk in resp.content.iter_any():
+                        await out.write(chunk)
+                    await out.write_eof()
+                    return out
+            return web.Response(status=502, text="shim: too many rejected fields")
+
+        return handle
+
+
 class BenchError(RuntimeError):
     """A problem the user can fix: printed as one line, exit status 2."""
 
@@ -311,7 +354,7 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
         port = free_port()
         targets = urls
         if name in PEERS and args.executor != "standin":
-            shims = FieldFilterShims(urls)
+            shims = StreamingFieldFilterShims(urls)
             targets = shims.urls
         argv = router_argv(name, targets, port, args)
         router_log = logs / f"{tag}_router.log"

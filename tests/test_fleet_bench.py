@@ -155,3 +155,21 @@ def test_percentile_is_nearest_rank():
     assert fleet_bench.percentile(values, 99) == 99.0
     assert fleet_bench.percentile([3.0], 99) == 3.0
     assert fleet_bench.percentile([], 50) is None
+
+
+def test_the_peer_shim_streams_events_through_and_drops_fields_the_worker_names(standin):
+    shims = fleet_bench.StreamingFieldFilterShims([standin.url])
+    try:
+        path, body = request_body(MultiTurnChat(seed=0, max_tokens=3).session(0), "standin-model",
+                                  [{"role": "user", "content": "hi"}])
+        with requests.Session() as http:
+            result = stream_request(http, shims.urls[0], path, body)
+            assert result.ok and result.text == "Hello from w0" and len(result.itl_s) == 2
+            # The stand-in names 'messages' as the bad field: the shim drops it, retries, and passes on
+            # the second refusal (now about a field the body no longer has).
+            refused = stream_request(http, shims.urls[0], "/v1/chat/completions",
+                                     {"model": "m", "messages": "x", "stream": True})
+        assert refused.error == "HTTP 400: messages must be a list"
+        assert shims.dropped == {"messages"}
+    finally:
+        shims.close()
