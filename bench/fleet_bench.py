@@ -42,7 +42,7 @@ from bench.cache_hit_bench import FieldFilterShims, read_worker_counters, stop
 from bench.locust.trace import TraceError, read_trace
 from bench.locust.workloads import WORKLOADS
 from bench.plotting import bar_panels, print_table, script_main, write_json
-from bench.router_bench import ROOT, STANDIN, cpu_model, free_port, wait_http
+from bench.router_bench import ROOT, STANDIN, cpu_model, free_port, load_average, wait_http
 
 LOCUSTFILE = ROOT / "bench" / "locust" / "locustfile.py"
 PEERS = {  # name -> (python module to look for, pip package)
@@ -90,9 +90,12 @@ class StreamingFieldFilterShims(FieldFilterShims):
                                              headers={"Content-Type": resp.headers.get("Content-Type",
                                                                                        "application/json")})
                     await out.prepare(request)
-                    async for chunk in resp.content.iter_any():
-                        await out.write(chunk)
-                    await out.write_eof()
+                    try:
+                        async for chunk in resp.content.iter_any():
+                            await out.write(chunk)
+                        await out.write_eof()
+                    except ConnectionResetError:
+                        pass  # the peer hung up (Locust stops its users mid-request at the end of a run)
                     return out
             return web.Response(status=502, text="shim: too many rejected fields")
 
@@ -365,11 +368,13 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
             raise BenchError(f"router {name} did not come up: {exc}; {router_log} ends: {log_tail(router_log)}")
         time.sleep(1.5)  # let the router's first /load polls land
         before = counters(urls)
+        load_before = load_average()
         print(f"  {name}: locust {args.workload}, {args.users} users"
               + (f", {args.rate}/s open loop" if args.rate > 0 else ", closed loop") + f", {args.duration}s",
               flush=True)
         samples = run_locust(args, f"http://127.0.0.1:{port}", urls, logs, tag)
         after = counters(urls)
+        load_after = load_average()
     finally:
         if router is not None:
             stop([router])
@@ -379,6 +384,8 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
             shims.close()
         stop(workers)
     row = summarize(name, samples, before, after, notes)
+    # On a shared machine other work moves every figure: record how busy it was around the run.
+    row["load_average_before_after"] = [load_before, load_after]
     print(f"  {name}: {row['req_s']:.2f} req/s, hit rate {100 * row['hit_rate']:.1f}%, "
           f"{row['failed']} failed", flush=True)
     return row
