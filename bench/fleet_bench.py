@@ -406,7 +406,7 @@ def validate(args) -> None:
         raise BenchError(f"unknown workload {args.workload!r}: choose one of {', '.join(WORKLOADS)}")
     if args.workload == "trace":
         try:
-            read_trace(args.trace or ROOT / "bench" / "traces" / "synthetic_chat.jsonl")
+            read_trace(args.trace or ROOT / "bench" / "traces" / "synthetic_chat.jsonl")  # the locustfile's default
         except TraceError as exc:
             raise BenchError(str(exc)) from None
     if args.executor == "cuda" and args.workers > 1 and len(args.gpus.split(",")) < args.workers:

@@ -26,22 +26,25 @@ import itertools
 import json
 import random
 import time
+from pathlib import Path
 
+# locust first: it monkey-patches the standard library (ssl, sockets) before requests imports it.
+from locust import User, events, task  # isort: skip
 import gevent
 import requests
-from locust import User, events, task
 
 from bench.locust.streaming import request_body, stream_request
 from bench.locust.trace import TraceError
 from bench.locust.workloads import WORKLOADS, UnknownWorkload, make_workload, run_session
 
+SHIPPED_TRACE = Path(__file__).resolve().parent.parent / "traces" / "synthetic_chat.jsonl"
 OPTION_DEFAULTS = {  # flag -> (default, type, help); every workload reads only its own
     "workload": ("docqa", str, f"one of {', '.join(WORKLOADS)}"),
     "seed": (0, int, "seed of the generated sessions and of open-loop arrivals"),
     "model": ("demo", str, "the 'model' field sent"),
     "max-tokens": (32, int, "output tokens per request (trace lines carry their own)"),
     "rate": (0.0, float, "open loop: sessions per second (0: closed loop)"),
-    "trace": ("bench/traces/synthetic_chat.jsonl", str, "JSONL trace for --workload trace"),
+    "trace": (str(SHIPPED_TRACE), str, "JSONL trace for --workload trace (default: the shipped synthetic one)"),
     "documents": (48, int, "docqa: number of documents"),
     "doc-chars": (4000, int, "docqa: characters per document"),
     "zipf": (0.8, float, "docqa: Zipf exponent of document popularity"),
