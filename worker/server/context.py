@@ -64,6 +64,7 @@ class ServerContext:
         self.tool_parser: ToolParser | None = make_tool_parser("auto", getattr(tokenizer, "chat_template", None))
         self.reasoning_parser: ReasoningParser | None = None
         self.sampling_defaults: dict = {}  # generation_config.json's, for fields a request leaves out
+        self.default_max_tokens: int | None = None  # chat max_tokens when a request sets none (None: the rest)
 
     # ------------------------------------------------------------------ checks
     def check_model(self, model: str | None) -> None:

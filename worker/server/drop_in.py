@@ -33,17 +33,21 @@ class DropInOptions:
     generation_config: str = "auto"
 
 
-def add_drop_in_arguments(parser: argparse.ArgumentParser) -> None:
+def add_drop_in_arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The flags above; returns their actions (so `radixfleet up` can pass them on to its workers)."""
     group = parser.add_argument_group("OpenAI / vLLM compatibility")
-    group.add_argument("--strict-fields", action="store_true",
-                       help="answer 400 to request fields this server does not implement (default: ignore them, "
-                            "log a warning and list them in the X-Ignored-Fields response header)")
-    group.add_argument("--tool-call-parser", default="auto", choices=TOOL_CALL_PARSER_CHOICES,
-                       help="how tool calls are read from the model's text (auto: from the chat template)")
-    group.add_argument("--reasoning-parser", default=None, choices=tuple(REASONING_PARSERS),
-                       help="split <think> reasoning into reasoning_content (default: off)")
-    group.add_argument("--generation-config", default="auto", choices=("auto", "vllm"),
-                       help="auto: generation_config.json's sampling values are request defaults; vllm: ignore it")
+    return [
+        group.add_argument("--strict-fields", action=argparse.BooleanOptionalAction, default=False,
+                           help="answer 400 to request fields this server does not implement (default: ignore "
+                                "them, log a warning and list them in the X-Ignored-Fields response header)"),
+        group.add_argument("--tool-call-parser", default="auto", choices=TOOL_CALL_PARSER_CHOICES,
+                           help="how tool calls are read from the model's text (auto: from the chat template)"),
+        group.add_argument("--reasoning-parser", default=None, choices=tuple(REASONING_PARSERS),
+                           help="split <think> reasoning into reasoning_content (default: off)"),
+        group.add_argument("--generation-config", default="auto", choices=("auto", "vllm"),
+                           help="auto: generation_config.json's sampling values are request defaults; vllm: "
+                                "ignore it"),
+    ]
 
 
 def drop_in_options_from_args(args: argparse.Namespace) -> DropInOptions:
