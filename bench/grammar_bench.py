@@ -9,7 +9,9 @@ Tokens are drawn uniformly from each row's allowed set, so rows walk through str
 
     python -m bench.grammar_bench --batch 1 64 --steps 64 --out results/grammar_bench.json
 
-Prints a table (ms per step: mask, advance, total) and writes the JSON.
+Prints a table (ms per step: mask, advance, total) and writes the JSON. `--sampler` also times the
+engine's Sampler on [batch, vocab] logits with no constrained row (the path every unconstrained request
+takes; run it under another checkout's PYTHONPATH for a before/after) and with a grammar mask on every row.
 """
 
 from __future__ import annotations
@@ -157,6 +159,34 @@ def bench_xgrammar(vocab: list[bytes], eos: int, batch: int, steps: int, threads
     return _summary("xgrammar", batch, setup_s, compile_s, mask_ms, advance_ms)
 
 
+def bench_sampler(vocab_size: int, batch: int, steps: int) -> dict:
+    """Sampler step time (ms): greedy and random rows without constraints; with a bitmask on every row."""
+    from worker.engine.sampler import Sampler, SamplingState
+    from worker.sampling_params import SamplingParams
+
+    sampler = Sampler(vocab_size, "cpu", seed=0)
+    logits = torch.randn(batch, vocab_size)
+    result = {"batch": batch}
+    for name, params in (("greedy", SamplingParams(temperature=0.0)), ("random", SamplingParams(temperature=0.8))):
+        states = [SamplingState(params, [1, 2, 3], [4, 5]) for _ in range(batch)]
+        sampler(logits, states)
+        start = time.perf_counter()
+        for _ in range(steps):
+            sampler(logits, states)
+        result[f"{name}_ms"] = round((time.perf_counter() - start) / steps * 1e3, 3)
+    try:
+        from worker.engine.grammar import unpack_bitmask
+    except ImportError:  # a checkout from before grammar support
+        return result
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (batch, (vocab_size + 31) // 32), dtype=torch.int32)
+    start = time.perf_counter()
+    for _ in range(steps):
+        allowed = unpack_bitmask(bitmask, vocab_size, torch.device("cpu"))
+        logits.clone().masked_fill_(~allowed, float("-inf"))
+    result["apply_mask_ms"] = round((time.perf_counter() - start) / steps * 1e3, 3)
+    return result
+
+
 def _summary(library: str, batch: int, setup_s: float, compile_s: float, mask_ms: list[float],
              advance_ms: list[float]) -> dict:
     warm = mask_ms[2:] or mask_ms  # the first steps fill lazy caches
@@ -179,10 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--libraries", nargs="+", default=["llguidance", "xgrammar"])
+    parser.add_argument("--sampler", action="store_true", help="only time the Sampler (before/after comparisons)")
     parser.add_argument("--out", type=Path, default=Path("results/grammar_bench.json"))
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
+    if args.sampler:
+        rows = [bench_sampler(args.vocab_size, batch, args.steps) for batch in args.batch]
+        print(f"Sampler, vocab {args.vocab_size}, 1 torch thread, ms per step")
+        for r in rows:
+            print("  " + "  ".join(f"{k}={v}" for k, v in r.items()))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"vocab_size": args.vocab_size, "steps": args.steps, "sampler": rows}, indent=2))
+        return 0
     vocab = synthetic_vocab(args.vocab_size)
     eos = len(vocab) - 1
     runners = {"llguidance": bench_llguidance, "xgrammar": bench_xgrammar}
