@@ -128,6 +128,20 @@ def test_continue_final_message_leaves_the_last_turn_open(client):
         create(client, messages=messages, extra_body={"continue_final_message": True, "add_generation_prompt": True})
 
 
+def test_best_of_keeps_the_most_likely_choices(client):
+    completion = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0,
+                                           seed=9, n=2, best_of=5, logprobs=0)
+    assert [c.index for c in completion.choices] == [0, 1]
+    totals = [sum(c.logprobs.token_logprobs) for c in completion.choices]
+    assert totals[0] >= totals[1]
+    plain = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0, best_of=3)
+    assert len(plain.choices) == 1 and plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="cannot be streamed"):
+        client.completions.create(model=MODEL, prompt="x", best_of=2, stream=True)
+    with pytest.raises(openai.BadRequestError, match="at least 'n'"):
+        client.completions.create(model=MODEL, prompt="x", best_of=1, n=2)
+
+
 # ---------------------------------------------------------------------- structured outputs
 SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "score": {"type": "integer",
           "minimum": 0, "maximum": 100}, "note": {"type": "string", "maxLength": 10}},

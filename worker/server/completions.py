@@ -63,6 +63,19 @@ def _echo_texts(ctx: ServerContext, completion: CompletionRequest, prompt_ids: l
     return [p if isinstance(p, str) else ctx.tokenizer.decode(ids) for p, ids in zip(completion.prompts, prompt_ids)]
 
 
+def best_choices(totals: list[ChoiceUpdate], best_of: int, keep: int) -> list[ChoiceUpdate]:
+    """best_of: of each prompt's `best_of` choices keep the `keep` with the highest cumulative logprob,
+    renumbered p * keep + i, most likely first."""
+    kept = []
+    for p in range(len(totals) // best_of):
+        group = totals[p * best_of:(p + 1) * best_of]
+        group.sort(key=lambda t: sum(lp.logprob for lp in t.logprobs or []), reverse=True)
+        for i, total in enumerate(group[:keep]):
+            total.index = p * keep + i
+            kept.append(total)
+    return kept
+
+
 def _response_id(completion: CompletionRequest) -> str:
     return f"cmpl-{completion.extras.request_id}" if completion.extras.request_id else new_response_id("cmpl")
 
@@ -79,8 +92,11 @@ async def _complete(ctx: ServerContext, completion: CompletionRequest, generatio
                     first: list[ChoiceUpdate], echo: list[str] | None) -> web.Response:
     n = completion.params.n
     rest = await asyncio.gather(*(g.run_to_end() for g in generations))
+    totals = merge_choice_updates(n * len(generations), first, *rest)
+    if completion.keep_n is not None:
+        totals, n = best_choices(totals, n, completion.keep_n), completion.keep_n
     choices = []
-    for total in merge_choice_updates(n * len(generations), first, *rest):
+    for total in totals:
         prefix = echo[total.index // n] if echo else ""
         logprobs = None
         if completion.logprobs is not None:

@@ -78,6 +78,7 @@ class CompletionRequest:
     logprobs: int | None = None  # top-k alternatives per token; None: no logprobs
     continuous_usage: bool = False  # usage (so far) in every streamed chunk
     extras: "GenerationExtras" = field(default_factory=lambda: GenerationExtras())
+    keep_n: int | None = None  # best_of > n: params.n is best_of, the response keeps the keep_n most likely
 
 
 @dataclass
@@ -308,13 +309,28 @@ def parse_completion_request(body: Any, strict: bool = False) -> CompletionReque
     max_tokens = _positive_int_or_none(body, "max_tokens")
     params = _sampling_params(body, 16 if max_tokens is None else max_tokens, "max_tokens", logprobs, "logprobs")
     best_of = _positive_int_or_none(body, "best_of")
-    if best_of is not None and best_of != params.n:
-        raise bad_request("best_of", "'best_of' other than 'n' is not supported; set best_of = n or leave it out.")
-    if params.n * len(prompts) > MAX_CHOICES_PER_REQUEST:
-        raise bad_request("n", f"n * (number of prompts) must be at most {MAX_CHOICES_PER_REQUEST}, got "
-                          f"{params.n} * {len(prompts)}.")
+    if best_of is not None and best_of < params.n:
+        raise bad_request("best_of", f"'best_of' must be at least 'n' ({params.n}), got {best_of}.")
+    if best_of is not None and best_of > params.n:
+        if stream:
+            raise bad_request("best_of", "'best_of' greater than 'n' cannot be streamed: the best choices are "
+                              "known only at the end.")
+        # the engine samples best_of choices with their logprobs; the response keeps the n most likely
+        user_n, params.n = params.n, best_of
+        if params.logprobs is None:
+            params.logprobs = 0
+        _check_choice_count(params.n, len(prompts))
+        return CompletionRequest(model, prompts, params, stream, include_usage, echo, logprobs, continuous_usage,
+                                 _extras(body, ignored), keep_n=user_n)
+    _check_choice_count(params.n, len(prompts))
     return CompletionRequest(model, prompts, params, stream, include_usage, echo, logprobs, continuous_usage,
                              _extras(body, ignored))
+
+
+def _check_choice_count(n: int, num_prompts: int) -> None:
+    if n * num_prompts > MAX_CHOICES_PER_REQUEST:
+        raise bad_request("n", f"n * (number of prompts) must be at most {MAX_CHOICES_PER_REQUEST}, got "
+                          f"{n} * {num_prompts}.")
 
 
 def _parse_prompts(prompt: Any) -> list[str | list[int]]:
