@@ -84,6 +84,23 @@ def _sample_allowed(bitmask_row: np.ndarray, rng: np.random.Generator, vocab_siz
     return int(rng.choice(allowed))
 
 
+def _timed_steps(fill, advance, bitmask: torch.Tensor, vocab_size: int, steps: int) -> tuple[list[float], list[float]]:
+    """Run `steps` constrained steps: fill the masks, draw an allowed token per row, advance. (mask ms, advance ms)."""
+    rng = np.random.default_rng(0)
+    mask_ms, advance_ms = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fill()
+        t1 = time.perf_counter()
+        tokens = [_sample_allowed(bitmask[i].numpy(), rng, vocab_size) for i in range(bitmask.shape[0])]
+        t2 = time.perf_counter()
+        advance(tokens)
+        t3 = time.perf_counter()
+        mask_ms.append((t1 - t0) * 1e3)
+        advance_ms.append((t3 - t2) * 1e3)
+    return mask_ms, advance_ms
+
+
 def bench_llguidance(vocab: list[bytes], eos: int, batch: int, steps: int, threads: int) -> dict:
     import llguidance
     import llguidance.torch as lltorch
@@ -108,24 +125,20 @@ def bench_llguidance(vocab: list[bytes], eos: int, batch: int, steps: int, threa
     compile_s = (time.perf_counter() - start) / batch
     executor = llguidance.LLExecutor(num_threads=threads)
     bitmask = lltorch.allocate_token_bitmask(batch, len(vocab))
-    rng = np.random.default_rng(0)
-    mask_ms, advance_ms = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
+
+    def fill() -> None:
         lltorch.fill_next_token_bitmask_par(executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
-        t1 = time.perf_counter()
-        tokens = [_sample_allowed(bitmask[i].numpy(), rng, len(vocab)) for i in range(batch)]
-        t2 = time.perf_counter()
+
+    def advance(tokens: list[int]) -> None:
         for matcher, token in zip(matchers, tokens):
             if token == eos or matcher.is_stopped():
                 matcher.reset()
             else:
                 matcher.consume_token(token)
-        t3 = time.perf_counter()
-        mask_ms.append((t1 - t0) * 1e3)
-        advance_ms.append((t3 - t2) * 1e3)
         if any(m.is_error() for m in matchers):
             raise RuntimeError(next(m.get_error() for m in matchers if m.is_error()))
+
+    mask_ms, advance_ms = _timed_steps(fill, advance, bitmask, len(vocab), steps)
     return _summary("llguidance", batch, setup_s, compile_s, mask_ms, advance_ms)
 
 
@@ -142,20 +155,14 @@ def bench_xgrammar(vocab: list[bytes], eos: int, batch: int, steps: int, threads
     matchers = [xgr.GrammarMatcher(compiled) for _ in range(batch)]
     batch_matcher = xgr.BatchGrammarMatcher(max_threads=threads)
     bitmask = xgr.allocate_token_bitmask(batch, len(vocab))
-    rng = np.random.default_rng(0)
-    mask_ms, advance_ms = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask)
-        t1 = time.perf_counter()
-        tokens = [_sample_allowed(bitmask[i].numpy(), rng, len(vocab)) for i in range(batch)]
-        t2 = time.perf_counter()
+
+    def advance(tokens: list[int]) -> None:
         for matcher, token in zip(matchers, tokens):
             if matcher.is_terminated() or not matcher.accept_token(token) or matcher.is_terminated():
                 matcher.reset()
-        t3 = time.perf_counter()
-        mask_ms.append((t1 - t0) * 1e3)
-        advance_ms.append((t3 - t2) * 1e3)
+
+    mask_ms, advance_ms = _timed_steps(lambda: batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask),
+                                       advance, bitmask, len(vocab), steps)
     return _summary("xgrammar", batch, setup_s, compile_s, mask_ms, advance_ms)
 
 

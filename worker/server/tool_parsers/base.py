@@ -107,6 +107,38 @@ def partial_marker_length(text: str, marker: str) -> int:
     return 0
 
 
+def scan_marked_blocks(text: str, final: bool, marker: str, read_block) -> ScanResult:
+    """The scan of formats whose calls follow a marker (`<tool_call>`, `[TOOL_CALLS]`).
+
+    `read_block(text, body_start, final)` reads what follows one marker: (calls, or None when malformed;
+    the index past the block, or None while it is still open). Text outside blocks, and malformed blocks
+    as written, is content; an open block is held back, or kept as content once the output is final.
+    """
+    content: list[str] = []
+    calls: list[ToolCall] = []
+    position = 0
+    while True:
+        start = text.find(marker, position)
+        if start < 0:
+            tail = text[position:]
+            if not final:
+                tail = tail[: len(tail) - partial_marker_length(tail, marker)]
+            content.append(tail)
+            break
+        content.append(text[position:start])
+        found, end = read_block(text, start + len(marker), final)
+        if end is None:
+            if final:
+                content.append(text[start:])
+            break
+        if found is None:
+            content.append(text[start:end])
+        else:
+            calls.extend(found)
+        position = end
+    return ScanResult("".join(content), calls)
+
+
 class ToolCallStream:
     """Incremental tool-call extraction for one streamed choice.
 

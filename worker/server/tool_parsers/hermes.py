@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from worker.server.tool_parsers.base import ScanResult, ToolParser, call_from_json, partial_marker_length
+from worker.server.tool_parsers.base import ScanResult, ToolParser, call_from_json, scan_marked_blocks
 
 START, END = "<tool_call>", "</tool_call>"
 
@@ -18,35 +18,16 @@ class HermesToolParser(ToolParser):
     name = "hermes"
 
     def scan(self, text: str, final: bool) -> ScanResult:
-        content: list[str] = []
-        calls = []
-        position = 0
-        while True:
-            start = text.find(START, position)
-            if start < 0:
-                tail = text[position:]
-                if not final:
-                    tail = tail[: len(tail) - partial_marker_length(tail, START)]
-                content.append(tail)
-                break
-            content.append(text[position:start])
-            body_start = start + len(START)
-            end = text.find(END, body_start)
-            if end < 0:  # an open block: still being written, or the model stopped without closing it
-                if final:
-                    call = _parse_block(text[body_start:])
-                    if call is None:
-                        content.append(text[start:])
-                    else:
-                        calls.append(call)
-                break
-            call = _parse_block(text[body_start:end])
-            if call is None:
-                content.append(text[start:end + len(END)])
-            else:
-                calls.append(call)
-            position = end + len(END)
-        return ScanResult("".join(content), calls)
+        return scan_marked_blocks(text, final, START, _read_block)
+
+
+def _read_block(text: str, body: int, final: bool):
+    end = text.find(END, body)
+    if end < 0:  # an open block: still being written, or the model stopped without closing it
+        call = _parse_block(text[body:]) if final else None
+        return ([call], len(text)) if call else (None, None)
+    call = _parse_block(text[body:end])
+    return ([call] if call else None), end + len(END)
 
 
 def _parse_block(body: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from worker.server.tool_parsers.base import (
-    ScanResult, ToolCall, ToolParser, call_from_json, json_value_end, partial_marker_length,
+    ScanResult, ToolCall, ToolParser, call_from_json, json_value_end, scan_marked_blocks,
 )
 
 MARKER = "[TOOL_CALLS]"
@@ -22,30 +22,7 @@ class MistralToolParser(ToolParser):
     needs_special_tokens = True
 
     def scan(self, text: str, final: bool) -> ScanResult:
-        content: list[str] = []
-        calls: list[ToolCall] = []
-        position = 0
-        while True:
-            start = text.find(MARKER, position)
-            if start < 0:
-                tail = text[position:]
-                if not final:
-                    tail = tail[: len(tail) - partial_marker_length(tail, MARKER)]
-                content.append(tail)
-                break
-            content.append(text[position:start])
-            body = start + len(MARKER)
-            parsed, end = _calls_at(text, body)
-            if end is None:  # still being written (or cut off)
-                if final:
-                    content.append(text[start:])
-                break
-            if parsed is None:
-                content.append(text[start:end])
-            else:
-                calls.extend(parsed)
-            position = end
-        return ScanResult("".join(content), calls)
+        return scan_marked_blocks(text, final, MARKER, lambda text, body, final: _calls_at(text, body))
 
 
 def _calls_at(text: str, body: int) -> tuple[list[ToolCall] | None, int | None]:
