@@ -214,6 +214,11 @@ def resolve_routers(names: list[str]) -> tuple[list[str], list[str]]:
     return run, notes
 
 
+def _pythonpath_with_root() -> str:
+    """This source tree first, then whatever PYTHONPATH already holds (e.g. wheels of missing packages)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
 # --- locust ----------------------------------------------------------------------------------------------
 
 def locust_argv(args, host: str, csv_prefix: Path, samples: Path) -> list[str]:
@@ -235,7 +240,7 @@ def run_locust(args, host: str, urls: list[str], logs: Path, tag: str) -> dict:
     samples_path = logs / f"{tag}_samples.json"
     log_path = logs / f"{tag}_locust.log"
     proc = subprocess.Popen(locust_argv(args, host, logs / f"{tag}_locust", samples_path), cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log_path.open("wb"),
+                            env={**os.environ, "PYTHONPATH": _pythonpath_with_root()}, stdout=log_path.open("wb"),
                             stderr=subprocess.STDOUT)
     start = time.monotonic()
     before = counters(urls)
