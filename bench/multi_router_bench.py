@@ -54,6 +54,7 @@ import xxhash
 from bench.cache_hit_bench import build_system_prompts, read_worker_counters, stop, user_turn
 from bench.plotting import bar_panels, format_table, script_main, write_report
 from bench.router_bench import ROOT, cpu_model, free_port, wait_http
+from router.policies import POLICY_NAMES
 from router.request_parsing import chat_routing_text
 
 WORKLOADS = ("doc-qa", "chat")
@@ -232,13 +233,13 @@ def start_fleet(args, log: Path, urls_file: Path) -> tuple[subprocess.Popen, lis
     return proc, urls
 
 
-def start_routers(worker_urls: list[str], replicas: int, logs: Path, tag: str) -> tuple[list, list[str]]:
+def start_routers(worker_urls: list[str], replicas: int, policy: str, logs: Path, tag: str) -> tuple[list, list[str]]:
     procs, urls = [], []
     try:
         for r in range(replicas):
             port = free_port()
             argv = [sys.executable, "-m", "worker.cli", "router", "--worker-urls", *worker_urls, "--port", str(port),
-                    "--host", "127.0.0.1", "--policy", "cache_aware", "--log-level", "WARNING"]
+                    "--host", "127.0.0.1", "--policy", policy, "--log-level", "WARNING"]
             procs.append(subprocess.Popen(argv, cwd=ROOT, stdout=(logs / f"{tag}_router{r}.log").open("wb"),
                                           stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}))
             urls.append(f"http://127.0.0.1:{port}")
@@ -266,7 +267,7 @@ def routing_reasons(router_urls: list[str]) -> dict[str, int]:
     return totals
 
 
-def summarize(workload: str, spread: str, replicas: int, client: ClientResult, counters: list[dict],
+def summarize(workload: str, spread: str, replicas: int, policy: str, client: ClientResult, counters: list[dict],
               reasons: dict[str, int], time_scale: float) -> dict:
     hits = sum(c["cache_hit_tokens"] for c in counters)
     queries = sum(c["cache_query_tokens"] for c in counters)
@@ -274,7 +275,7 @@ def summarize(workload: str, spread: str, replicas: int, client: ClientResult, c
     mean = sum(per_worker) / len(per_worker) if per_worker else 0
     p50, p99 = percentile(client.ttfts, 50), percentile(client.ttfts, 99)
     return {
-        "workload": workload, "spread": spread, "replicas": replicas,
+        "workload": workload, "spread": spread, "replicas": replicas, "policy": policy,
         "hit_rate": hits / queries if queries else 0.0,
         "cache_hit_tokens": hits, "cache_query_tokens": queries,
         "requests": client.requests, "errors": client.errors, "stopped_by_deadline": client.stopped_by_deadline,
@@ -289,13 +290,13 @@ def summarize(workload: str, spread: str, replicas: int, client: ClientResult, c
 
 
 def run_one(args, workload: str, spread: str, replicas: int, streams: list[Stream], logs: Path) -> dict:
-    tag = f"{workload}_R{replicas}_{spread}"
+    tag = f"{args.policy}_{workload}_R{replicas}_{spread}"
     print(f"  {tag}: fresh fleet of {args.workers} sim workers, {replicas} router replica(s)", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         fleet, worker_urls = start_fleet(args, logs / f"{tag}_fleet.log", Path(scratch) / "urls")
         routers = []
         try:
-            routers, router_urls = start_routers(worker_urls, replicas, logs, tag)
+            routers, router_urls = start_routers(worker_urls, replicas, args.policy, logs, tag)
             time.sleep(1.0)  # let every replica's first /load poll land (tree capacities from kv_tokens_total)
             client = asyncio.run(run_client(
                 router_urls, streams, ReplicaPicker(spread, replicas, args.hash_chars),
@@ -306,14 +307,14 @@ def run_one(args, workload: str, spread: str, replicas: int, streams: list[Strea
         finally:
             stop(routers)
             stop([fleet])
-    row = summarize(workload, spread, replicas, client, counters, reasons, args.time_scale)
+    row = summarize(workload, spread, replicas, args.policy, client, counters, reasons, args.time_scale)
     print(f"  {tag}: hit rate {row['hit_rate']:.1%}, {row['requests']} requests ({row['errors']} errors), "
           f"busiest/mean {row['busiest_over_mean']:.2f}", flush=True)
     return row
 
 
 # ---------------------------------------------------------------------- report
-COLUMNS = ("workload", "spread", "replicas", "hit_rate", "req_per_s", "ttft_p50_s", "ttft_p99_s",
+COLUMNS = ("workload", "policy", "spread", "replicas", "hit_rate", "req_per_s", "ttft_p50_s", "ttft_p99_s",
            "busiest_over_mean", "requests", "errors")
 
 
@@ -364,6 +365,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--kv-cache-tokens", type=int, default=4096, help="KV per worker: small, so caches evict")
     parser.add_argument("--time-scale", type=float, default=1.0, help="passed to sim-fleet (see its --help)")
+    parser.add_argument("--policy", choices=POLICY_NAMES, default="cache_aware",
+                        help="every replica's routing policy (session: rendezvous on X-Session-ID, stateless)")
     parser.add_argument("--replicas", default="1,2,4", help="router replica counts, comma separated")
     parser.add_argument("--spread", default="request,prefix-hash",
                         help=f"how the client spreads requests over replicas: {', '.join(SPREADS)}")
@@ -414,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
                 f"prompts x {args.system_chars} chars, X-Session-ID per conversation",
     }
     setup = (f"{args.workers} sim workers ({MODEL}, profile {Path(args.sim_profile).name}, KV {args.kv_cache_tokens} "
-             f"tokens each, time scale {args.time_scale:g}), cache_aware replicas; "
+             f"tokens each, time scale {args.time_scale:g}), {args.policy} replicas; "
              + "; ".join(workloads_desc[w] for w in workloads)
              + f"; max_tokens {args.max_tokens}, {args.concurrency} in flight, <= {args.max_requests} requests/run; "
              f"prefix-hash on {args.hash_chars} chars; {cpu_model()}, {os.cpu_count()} cores")
