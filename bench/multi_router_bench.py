@@ -16,7 +16,8 @@ replicas from one asyncio client, as a Kubernetes Service or an ingress would:
 
 Workloads (no two share a request; both send X-Session-ID only where a client would):
 * `doc-qa`: --docs documents of --doc-chars characters, one-shot questions about a document drawn at random;
-  no session id. The fleet's KV holds every document once, not R times (see the printed working set).
+  no session id. Size --docs x --doc-chars so the fleet's KV holds every document once but not R times:
+  then what the replicas' disagreement costs shows as evictions.
 * `chat`: --conversations multi-turn conversations of --turns turns over --system-prompts shared system
   prompts; the assistant's real reply is appended each turn, and X-Session-ID names the conversation.
 
