@@ -486,10 +486,18 @@ def _run(args: argparse.Namespace) -> int:
     workload = args.workload + (f" {shape}" if shape else "")
     setup = f"{fleet}; workload {workload}; {load}; {cpu_model()}, {os.cpu_count()} cores"
     print(f"fleet bench: {setup}", flush=True)
+    failed_routers: list[str] = []
     if args.router_url:
         rows = [run_external_router(args.router_url, args, logs)]
     else:
-        rows = [run_router(name, args, logs, args.worker_urls) for name in routers]
+        rows = []
+        for name in routers:
+            try:
+                rows.append(run_router(name, args, logs, args.worker_urls))
+            except BenchError as exc:  # one router that cannot run must not cost the others' figures
+                print(f"  {name}: FAILED, left out of the table: {exc}", flush=True)
+                notes.append(f"{name} failed: {exc}")
+                failed_routers.append(name)
     if not rows:
         raise BenchError("no router to run: " + "; ".join(notes))
     print()
@@ -505,7 +513,7 @@ def _run(args: argparse.Namespace) -> int:
     write_csv(out / "fleet.csv", rows)
     plot(out / "fleet.png", rows, setup)
     print(f"wrote {out / 'fleet.json'}, {out / 'fleet.csv'}, {out / 'fleet.png'}")
-    return 0
+    return 1 if failed_routers else 0
 
 
 def _ms(seconds: float | None) -> float | None:
