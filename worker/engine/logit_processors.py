@@ -1,8 +1,8 @@
 """Per-request logit changes beyond penalties: logit_bias, allowed_token_ids, bad words (vLLM's names).
 
 Each function changes float32 logits [B, V] in place for the rows that ask for it. The sampler calls
-them only when some row of the step uses one (`SamplingParams.uses_logit_processors`), so requests that
-use none pay nothing.
+`apply_logit_processors` only when some row of the step uses one (`SamplingParams.uses_logit_processors`),
+so requests that use none pay nothing.
 """
 
 from __future__ import annotations
@@ -63,3 +63,21 @@ def apply_bad_words(logits: torch.Tensor, rows: list[int], states: list) -> None
     if row_ids:
         device = logits.device
         logits[device_tensor(row_ids, torch.long, device), device_tensor(col_ids, torch.long, device)] = float("-inf")
+
+
+def apply_logit_processors(logits: torch.Tensor, rows: list[int], states: list, grammars=None) -> None:
+    """Every processor the given rows ask for, in vLLM's order: bias, whitelist, bad words, then the grammar
+    mask (`grammars`: worker.engine.grammar.GrammarMasks; a structured output without it is refused)."""
+    def using(name: str) -> list[int]:
+        return [i for i in rows if getattr(states[i].params, name)]
+
+    if bias_rows := using("logit_bias"):
+        apply_logit_bias(logits, bias_rows, states)
+    if allowed_rows := using("allowed_token_ids"):
+        apply_allowed_tokens(logits, allowed_rows, states)
+    if bad_rows := using("bad_words_token_ids"):
+        apply_bad_words(logits, bad_rows, states)
+    if grammar_rows := using("structured_output"):
+        if grammars is None:
+            raise ValueError("structured output needs a sampler built with grammars")
+        grammars.apply(logits, grammar_rows, states)
