@@ -247,6 +247,15 @@ def _decode(client, tokens: list[int]) -> str:
     return json.loads(_post(client, "/detokenize", {"tokens": tokens}))["prompt"]
 
 
+def test_tokenize_takes_vllm_fields(client):
+    messages = MESSAGES + [{"role": "assistant", "content": "It is"}]
+    opened = json.loads(_post(client, "/tokenize", {"messages": messages, "continue_final_message": True,
+                                                     "add_generation_prompt": False, "return_token_strs": True}))
+    closed = json.loads(_post(client, "/tokenize", {"messages": messages, "add_generation_prompt": False}))
+    assert opened["count"] == closed["count"] - 1 and len(opened["token_strs"]) == opened["count"]
+    assert "".join(opened["token_strs"]).endswith("It is")
+
+
 def test_version(worker):
     with urllib.request.urlopen(worker.url + "/version", timeout=10) as response:
         assert json.loads(response.read())["version"]

@@ -18,6 +18,7 @@ from worker.server.chat import chat_completions
 from worker.server.completions import completions
 from worker.server.context import CTX_KEY, ServerContext, read_json
 from worker.server.errors import ApiError, internal_error
+from worker.server.extra_fields import ignored_fields_header
 from worker.server.limits import MAX_BODY_BYTES  # the router imports the same limit
 from worker.server.metrics import CONTENT_TYPE
 from worker.server.request_id import request_id_middleware
@@ -104,15 +105,22 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     ctx: ServerContext = request.app[CTX_KEY]
-    body = parse_tokenize_request(await read_json(request))
+    body = parse_tokenize_request(await read_json(request), strict=ctx.strict_fields)
     ctx.check_model(body.model)
     if body.messages is not None:
-        text = await ctx.render_chat_off_loop(body.messages, body.tools, body.add_generation_prompt,
-                                              body.chat_template_kwargs)
+        text = await ctx.render_chat_off_loop(body.messages, body.tools,
+                                              body.add_generation_prompt and not body.continue_final_message,
+                                              body.chat_template_kwargs, body.chat_template,
+                                              body.continue_final_message)
     else:
         text = body.prompt
     tokens = await ctx.encode_off_loop(text, add_special_tokens=body.add_special_tokens)
-    return json_response({"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens})
+    answer = {"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens}
+    if body.return_token_strs:
+        answer["token_strs"] = [ctx.token_texts(t) for t in tokens]
+    response = json_response(answer)
+    response.headers.update(ignored_fields_header(body.ignored_fields))
+    return response
 
 
 async def detokenize(request: web.Request) -> web.Response:

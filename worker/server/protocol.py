@@ -123,6 +123,10 @@ class TokenizeRequest:
     add_generation_prompt: bool = True
     tools: list[dict] | None = None
     chat_template_kwargs: dict | None = None
+    chat_template: str | None = None
+    continue_final_message: bool = False
+    return_token_strs: bool = False  # also the text of each token (vLLM's field)
+    ignored_fields: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -446,10 +450,13 @@ def _flatten_parts(parts: list, where: str) -> str:
 
 
 # ---------------------------------------------------------------------- /tokenize, /detokenize
-def parse_tokenize_request(body: Any) -> TokenizeRequest:
+TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "tools",
+                   "chat_template", "chat_template_kwargs", "continue_final_message", "return_token_strs"}
+
+
+def parse_tokenize_request(body: Any, strict: bool = False) -> TokenizeRequest:
     body = expect_object(body)
-    _reject_unknown(body, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "tools",
-                           "chat_template_kwargs"})
+    ignored = unknown_fields(body, TOKENIZE_FIELDS, strict)
     model = _get_model(body)
     prompt = _get(body, "prompt", str, None, "a string")
     messages = parse_messages(body["messages"]) if body.get("messages") is not None else None
@@ -463,6 +470,10 @@ def parse_tokenize_request(body: Any) -> TokenizeRequest:
         add_generation_prompt=_get(body, "add_generation_prompt", bool, True, "a boolean"),
         tools=_get(body, "tools", list, None, "an array"),
         chat_template_kwargs=_get(body, "chat_template_kwargs", dict, None, "an object"),
+        chat_template=_get(body, "chat_template", str, None, "a string"),
+        continue_final_message=_get(body, "continue_final_message", bool, False, "a boolean"),
+        return_token_strs=_get(body, "return_token_strs", bool, False, "a boolean"),
+        ignored_fields=ignored,
     )
 
 
