@@ -75,3 +75,13 @@ def test_finish_reason_with_calls():
     assert finish_reason_with_calls("stop", [1], ToolChoice("named", "f")) == "stop"
     assert finish_reason_with_calls("length", [1], ToolChoice("auto")) == "length"
     assert finish_reason_with_calls("stop", [], ToolChoice("auto")) == "stop"
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    text = '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {}}</tool_call>'
+
+    def output():
+        return ChoiceOutput(None, ToolChoice("auto"), PARSERS["hermes"](), parallel_tool_calls=False)
+
+    assert [c["function"]["name"] for c in output().message(text)["tool_calls"]] == ["a"]
+    assert _comparable(_streamed(output(), text, 0)) == (None, None, [("a", {})])

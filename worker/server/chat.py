@@ -49,7 +49,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 def _outputs(ctx: ServerContext, chat: ChatRequest) -> list[ChoiceOutput]:
-    return [ChoiceOutput(ctx.reasoning_parser, chat.tool_choice, ctx.tool_parser) for _ in range(chat.params.n)]
+    return [ChoiceOutput(ctx.reasoning_parser, chat.tool_choice, ctx.tool_parser, chat.parallel_tool_calls)
+            for _ in range(chat.params.n)]
 
 
 def _response_id(chat: ChatRequest) -> str:

@@ -39,8 +39,10 @@ def finish_reason_with_calls(finish_reason: str | None, calls: list, choice: Too
 class ChoiceOutput:
     """Splits one choice's text; `message()` for a whole output, `feed()` / `finish()` for a stream."""
 
-    def __init__(self, reasoning: ReasoningParser | None, choice: ToolChoice, tool_parser: ToolParser | None):
+    def __init__(self, reasoning: ReasoningParser | None, choice: ToolChoice, tool_parser: ToolParser | None,
+                 parallel_tool_calls: bool = True):
         self.choice = choice
+        self.max_calls = None if parallel_tool_calls else 1  # auto: later calls are dropped (required: grammar)
         self.constrained = choice.mode in ("required", "named")
         # a grammar-constrained output is the call JSON from its first token: no reasoning block in it
         self.reasoning = None if self.constrained else reasoning
@@ -61,6 +63,7 @@ class ChoiceOutput:
             content = "" if self.calls else content
         elif self.tool_parser is not None:
             content, self.calls = self.tool_parser.parse(content)
+            self.calls = self.calls[: self.max_calls]
         message: dict = {"role": "assistant", "content": content or (None if self.calls else content)}
         if self.reasoning is not None:
             message["reasoning_content"] = reasoning
@@ -98,6 +101,8 @@ class ChoiceOutput:
                 content, new_calls = self._tool_stream.feed(content)
         if content:
             deltas.append({"content": content})
+        if self.max_calls is not None:
+            new_calls = new_calls[: max(0, self.max_calls - len(self.calls))]
         for call in new_calls:
             deltas.append({"tool_calls": [{"index": len(self.calls), **call.to_openai()}]})
             self.calls.append(call)
