@@ -103,6 +103,13 @@ def test_json_object_output_is_an_object(llm):
     assert choice.text.startswith("{")
 
 
+def test_requests_sharing_one_params_object_keep_their_own_grammar_state(llm):
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=200, structured_output=schema_output(FIXED_SCHEMAS[0]))
+    outputs = llm.generate(["first prompt", "a different second prompt", "third"], params, use_tqdm=False)
+    for output in outputs:
+        jsonschema.validate(json.loads(output.outputs[0].text), FIXED_SCHEMAS[0])
+
+
 def test_constrained_and_free_requests_share_a_batch(llm):
     free = SamplingParams(temperature=0.0, max_tokens=12)
     constrained = SamplingParams(temperature=0.0, max_tokens=50, structured_output=schema_output(FIXED_SCHEMAS[1]))

@@ -5,9 +5,10 @@ on this project's 2-core CPU box: xgrammar 2.7 ms mean (1.7 ms p50), llguidance 
 (bench/reports/grammar_bench.json).
 
 Where the state lives. A row's grammar state (an xgrammar GrammarMatcher) is derived data: it is the
-grammar advanced by the row's output tokens. `GrammarMasks` keeps one matcher per (request, choice) in a
+grammar advanced by the row's output tokens. `GrammarMasks` keeps one matcher per sequence in a
 bounded LRU and, at each step, first feeds the matcher the output tokens it has not seen, then fills the
-row's bitmask. So the state advances with each accepted token on the engine side, where tokens are
+row's bitmask. A row is known by its sequence's output list (one per choice of one request, never
+replaced): requests may share one SamplingParams object, so the params cannot name a row. So the state advances with each accepted token on the engine side, where tokens are
 sampled; a preempted or recomputed sequence keeps its outputs and its matcher; an evicted matcher is
 rebuilt by replaying the outputs. The engine resolves the previous step before a step with grammar rows
 (`SamplingParams.needs_output_tokens`), so the outputs are real tokens here.
@@ -84,10 +85,11 @@ def check(structured: StructuredOutput) -> None:
 
 
 class _Entry:
-    __slots__ = ("params", "matcher", "consumed", "broken")
+    __slots__ = ("outputs", "params", "matcher", "consumed", "broken")
 
-    def __init__(self, params, matcher):
-        self.params = params  # held so that id(params) in the key cannot be reused while the entry lives
+    def __init__(self, outputs: list[int], params, matcher):
+        self.outputs = outputs  # held so that id(outputs), the key, cannot be reused while the entry lives
+        self.params = params
         self.matcher = matcher
         self.consumed = 0
         self.broken = False
@@ -102,7 +104,7 @@ class GrammarMasks:
         self._eos = list(eos_token_ids)
         self._compiler = None  # built on first use: tokenizer info takes ~1 s for a 150k vocabulary
         self._compiled: OrderedDict[StructuredOutput, object] = OrderedDict()
-        self._matchers: OrderedDict[tuple[int, int], _Entry] = OrderedDict()
+        self._matchers: OrderedDict[int, _Entry] = OrderedDict()  # id(sequence's output list) -> its state
 
     # ------------------------------------------------------------------ compilation
     def _tokenizer_info(self, xgr):
@@ -136,12 +138,15 @@ class GrammarMasks:
 
     # ------------------------------------------------------------------ state
     def _entry(self, state) -> _Entry:
-        key = (id(state.params), state.choice_index)
+        outputs = state.output_token_ids
+        key = id(outputs)
         entry = self._matchers.get(key)
-        if entry is not None and entry.params is state.params and entry.consumed <= len(state.output_token_ids):
+        if (entry is not None and entry.outputs is outputs and entry.params is state.params
+                and entry.consumed <= len(outputs)):
             self._matchers.move_to_end(key)
             return entry
-        entry = _Entry(state.params, _xgrammar().GrammarMatcher(self.compiled(state.params.structured_output)))
+        matcher = _xgrammar().GrammarMatcher(self.compiled(state.params.structured_output))
+        entry = _Entry(outputs, state.params, matcher)
         self._matchers[key] = entry
         if len(self._matchers) > MAX_MATCHERS:
             self._matchers.popitem(last=False)
