@@ -194,18 +194,6 @@ def test_the_size_limited_folders_exist():
         assert len(list((ROOT / folder).glob("*.py"))) >= 3, folder
 
 
-# scheduler.py and sampler.py are over the limit until the integrator splits them (issue 8); the mark
-# keeps the test running and reporting them (strict: it fails the day they are split, so the mark goes).
-_OVER_LIMIT_NOW = {"worker/engine/scheduler.py", "worker/engine/sampler.py"}
-
-
-@pytest.mark.xfail(strict=True, reason="worker/engine/scheduler.py and sampler.py are over 300 lines "
-                                       "until they are split (issue 8)")
 def test_no_engine_or_cache_module_over_300_lines():
     too_long = _too_long()
     assert not too_long, f"over {MAX_LINES} lines (split along a seam): {too_long}"
-
-
-def test_only_the_known_modules_are_over_300_lines():
-    # Honest while the xfail above stands: any other module growing past the limit fails here.
-    assert set(_too_long()) <= _OVER_LIMIT_NOW, sorted(set(_too_long()) - _OVER_LIMIT_NOW)
