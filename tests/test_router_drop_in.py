@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -16,6 +15,7 @@ import openai
 import pytest
 
 from tests.test_router_real_workers import _free_port, _wait_healthy
+from tests.test_server_openai import get_json, post
 from worker.server.launcher import WorkerProcess
 
 ROOT = Path(__file__).parent.parent
@@ -49,24 +49,13 @@ def client(router_url):
     return openai.OpenAI(base_url=router_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def _request(url: str, body: dict | None = None) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def test_tokenize_detokenize_and_version_are_forwarded(router_url):
-    status, tokens = _request(router_url + "/tokenize", {"model": MODEL, "prompt": "hello world"})
+    status, tokens = post(router_url + "/tokenize", {"model": MODEL, "prompt": "hello world"})
     assert status == 200 and tokens["count"] == len(tokens["tokens"]) > 0
-    status, text = _request(router_url + "/detokenize", {"model": MODEL, "tokens": tokens["tokens"]})
+    status, text = post(router_url + "/detokenize", {"model": MODEL, "tokens": tokens["tokens"]})
     assert status == 200 and text["prompt"].endswith("hello world")
-    status, version = _request(router_url + "/version")
-    assert status == 200 and version["version"]
-    status, error = _request(router_url + "/tokenize", {"model": MODEL})
+    assert get_json(router_url + "/version")["version"]
+    status, error = post(router_url + "/tokenize", {"model": MODEL})
     assert status == 400 and error["error"]["param"] == "prompt"  # the worker's own answer, passed through
 
 
