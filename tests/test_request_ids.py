@@ -202,6 +202,9 @@ def test_router_json_access_lines_parse_and_carry_the_fields(access_lines):
         await post_chat(session, base, {HEADER: "req-stream"}, stream=True)
         async with session.get(base + "/nowhere", headers={HEADER: "req-missing"}) as r:
             await r.read()
+        for probe in ("/health", "/metrics"):  # probes and scrapes write no line
+            async with session.get(base + probe) as r:
+                await r.read()
 
     run_router(scenario, access_log="json")
     entries = [json.loads(line) for line in access_lines]

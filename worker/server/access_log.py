@@ -3,7 +3,7 @@
 A line has the time the answer ended, method, path (no query string), status, duration, request id,
 and the prompt / completion token counts when the answer says them (a non-streamed body's `usage`).
 It never holds prompt or completion text. The router adds the worker that served the request
-(router/access_log.py).
+(router/access_log.py). Probe and scrape endpoints (/health, /load, /metrics) get no line.
 
 Lines go to the `radixfleet.access` logger, which writes them to stderr unprefixed and does not pass
 them to the root logger: a JSON line stays one parseable object. Off (the default) costs nothing: the
@@ -29,6 +29,9 @@ access_logger = logging.getLogger(ACCESS_LOGGER)
 access_logger.propagate = False  # the line is the whole record: no level or logger name before it
 # Status written when the client went away before the answer was complete (nginx's convention).
 CLIENT_CLOSED = 499
+# Probes and scrapes get no line: the router polls each worker's /health and /load every second, and
+# a Prometheus scrape or a Kubernetes probe every few; their lines would bury the requests.
+UNLOGGED_PATHS = frozenset({"/health", "/load", "/metrics"})
 _USAGE_MAX_BODY = 1 << 20  # larger answers are not parsed for their usage
 
 _configured = {"mode": "off"}  # this process's --access-log, for apps built without being told
@@ -114,6 +117,8 @@ def access_log_middlewares(mode: str, extra_fields: ExtraFields | None = None) -
 
     @web.middleware
     async def access_log_middleware(request: web.Request, handler):
+        if request.path in UNLOGGED_PATHS:
+            return await handler(request)
         started = time.monotonic()
         try:
             response = await handler(request)
