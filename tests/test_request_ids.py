@@ -77,16 +77,21 @@ def access_lines():
     access_logger.removeHandler(handler)
 
 
+async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve `app` on a free loopback port: (its runner, to clean up; its base URL)."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+
 async def _with_router(scenario, workers: int = 1, **options):
     """Run `scenario(session, base_url, workers)` against a router in front of SeeingWorkers."""
     fleet = [await SeeingWorker(name=f"s{i}").start() for i in range(workers)]
     config = RouterConfig(host="127.0.0.1", port=0, worker_urls=[w.url for w in fleet], health_interval_s=0.2,
                           read_timeout_s=5.0, **options)
-    runner = web.AppRunner(build_app(config), access_log=None, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    runner, base = await serve(build_app(config))
     try:
         async with aiohttp.ClientSession() as session:
             return await scenario(session, base, fleet)
@@ -251,11 +256,7 @@ def test_worker_access_log_and_id_on_a_streamed_answer(access_lines):
         app.on_response_prepare.append(echo_request_id)
         app.router.add_post("/v1/completions", answer)
         app.router.add_post("/v1/chat/completions", stream)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        runner, base = await serve(app)
         echoed = []
         try:
             async with aiohttp.ClientSession() as session:
