@@ -31,7 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("radixfleet.router.proxy")
 
-_PASSTHROUGH_REQUEST_HEADERS = ("X-Request-ID", "traceparent")
 WORKER_HEADER = "X-Radixfleet-Worker"
 
 
