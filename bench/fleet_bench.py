@@ -246,6 +246,19 @@ def start_sim_fleet(args, logs: Path, tag: str) -> tuple[list[subprocess.Popen],
     return [proc], urls, log_path
 
 
+def cpu_seconds(proc: subprocess.Popen | None) -> float | None:
+    """User + system CPU seconds a process has used so far (Linux /proc), None where unknown."""
+    try:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_share(before: float | None, after: float | None, seconds: float) -> float | None:
+    return None if before is None or after is None or seconds <= 0 else (after - before) / seconds
+
+
 HOST_BUSY = re.compile(r"host_busy (\d+)% of one core")
 
 
@@ -381,8 +394,13 @@ def router_argv(name: str, urls: list[str], port: int, args) -> list[str]:
         return [sys.executable, "-m", f"{module}.launch_router", "--worker-urls", *urls, "--port", str(port),
                 "--host", "127.0.0.1", "--policy", "cache_aware", "--log-level", "warn",
                 "--prometheus-port", str(free_port())]
+    extra = list(args.router_arg or [])
+    if args.time_scale != 1.0 and not any(a.startswith("--health-interval") for a in extra):
+        # Polls of /health and /load cost host time per worker that no time scale slows: at 128 workers, 1 s
+        # apart, they outnumber the requests. Spaced S times wider they stay 1 s apart in modelled time.
+        extra += ["--health-interval", f"{args.time_scale:g}"]
     return [sys.executable, "-m", "worker.cli", "router", "--worker-urls", *urls, "--port", str(port),
-            "--host", "127.0.0.1", "--policy", name, "--log-level", "WARNING", *(args.router_arg or [])]
+            "--host", "127.0.0.1", "--policy", name, "--log-level", "WARNING", *extra]
 
 
 def resolve_routers(names: list[str]) -> tuple[list[str], list[str]]:
@@ -588,10 +606,14 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
             probe = LatencyProbe(router_url, urls, args.served_model or args.model, args.probe_interval_s)
             probe.start()
         sim_log_offset = sim_log.stat().st_size if sim_log else 0
+        # CPU the router and the one-process sim host used during the load (a share of one core each)
+        host_proc = workers[0] if sim_log else None
+        cpu_before = (cpu_seconds(router), cpu_seconds(host_proc), time.monotonic())
         print(f"  {name}: locust {args.workload}, {args.users} users"
               + (f", {args.rate}/s open loop" if args.rate > 0 else ", closed loop") + f", {args.duration}s",
               flush=True)
         samples = run_locust(args, router_url, urls, logs, tag)
+        cpu_after = (cpu_seconds(router), cpu_seconds(host_proc), time.monotonic())
         if probe is not None:
             probe.finish()
             means_after = ttft_means(router_url, urls)
@@ -611,6 +633,10 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
     row.update(router_added_figures(probe, means_before, means_after))
     # On a shared machine other work moves every figure: record how busy it was around the run.
     row["load_average_before_after"] = [load_before, load_after]
+    elapsed = cpu_after[2] - cpu_before[2]
+    row["router_cpu_share"] = cpu_share(cpu_before[0], cpu_after[0], elapsed)
+    if sim_log is not None:
+        row["sim_host_cpu_share"] = cpu_share(cpu_before[1], cpu_after[1], elapsed)
     if sim_log is not None:
         # Percent of one core the sim engines' steps took, per report line during the load: near 100 the
         # host could not keep up with the modelled GPU, and a larger --time-scale is needed.
@@ -618,7 +644,9 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
     added = row["router_added_p99_s"]
     print(f"  {name}: {row['req_s']:.2f} req/s, hit rate {100 * row['hit_rate']:.1f}%, "
           f"{row['failed']} failed" + (f", router added p99 {1000 * added:.1f} ms" if added is not None else "")
-          + (f", sim host_busy {row['sim_host_busy_pct']}%" if sim_log is not None else ""), flush=True)
+          + (f", sim host_busy {row['sim_host_busy_pct']}%, sim-fleet process {_pct(row['sim_host_cpu_share'])} "
+             f"of a core" if sim_log is not None else "")
+          + f", router process {_pct(row['router_cpu_share'])} of a core", flush=True)
     return row
 
 
@@ -757,6 +785,10 @@ def _run(args: argparse.Namespace) -> int:
     plot(out / "fleet.png", rows, setup)
     print(f"wrote {out / 'fleet.json'}, {out / 'fleet.csv'}, {out / 'fleet.png'}")
     return 1 if failed_routers else 0
+
+
+def _pct(share: float | None) -> str:
+    return "?" if share is None else f"{100 * share:.0f}%"
 
 
 def _ms(seconds: float | None) -> float | None:
