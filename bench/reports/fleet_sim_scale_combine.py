@@ -13,9 +13,9 @@ from pathlib import Path
 from bench.plotting import bar_panels
 
 COLUMNS = ("workers", "router", "time_scale", "hit_rate", "req_s", "req_s_per_worker", "ttft_p50_s", "ttft_p99_s",
-           "busiest_over_mean", "router_added_p50_s", "router_added_p99_s", "probe_control_p50_s",
+           "busiest_over_mean", "requests_per_document", "router_added_p50_s", "router_added_p99_s", "probe_control_p50_s",
            "probe_control_p99_s", "router_added_probes", "router_added_mean_s", "requests", "failed",
-           "sim_host_busy_max_pct", "load_average_before_after")
+           "sim_host_busy_max_pct", "router_cpu_share", "sim_host_cpu_share", "load_average_before_after")
 
 
 def gather(root: Path) -> list[dict]:
@@ -27,8 +27,13 @@ def gather(root: Path) -> list[dict]:
             busy = row.get("sim_host_busy_pct") or [None]
             rows.append({**{k: row.get(k) for k in COLUMNS}, "workers": n, "req_s_per_worker": row["req_s"] / n,
                          "router": row["router"], "sim_host_busy_max_pct": max(busy, key=lambda v: v or 0),
+                         "requests_per_document": row["requests"] / report["settings"]["documents"],
                          "setup": report["setup"]})
     return rows
+
+
+def share(v):
+    return "?" if v is None else f"{100 * v:.0f}%"
 
 
 def ms(v):
@@ -37,8 +42,9 @@ def ms(v):
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| workers | router | time scale | hit rate | req/s (per worker) | TTFT p50 / p99 | busiest/mean "
-             "| router added p50 / p99 (control p50 / p99) | router added mean | host_busy max | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| requests per doc | router added p50 / p99 (control p50 / p99) | router added mean | host_busy max "
+             "| router / sim-fleet CPU | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         added = "-" if r["router_added_p50_s"] is None else (
             f"{ms(r['router_added_p50_s']):.1f} / {ms(r['router_added_p99_s']):.1f} ms "
@@ -49,8 +55,9 @@ def markdown(rows: list[dict]) -> str:
                                                                          r["load_average_before_after"])
         lines.append(f"| {r['workers']} | {r['router']} | {r['time_scale']:g} | {100 * r['hit_rate']:.1f}% "
                      f"| {r['req_s']:.1f} ({r['req_s_per_worker']:.2f}) | {ms(r['ttft_p50_s']):.0f} / "
-                     f"{ms(r['ttft_p99_s']):.0f} ms | {r['busiest_over_mean']:.2f} | {added} | {mean} "
-                     f"| {r['sim_host_busy_max_pct']}% | {load} |")
+                     f"{ms(r['ttft_p99_s']):.0f} ms | {r['busiest_over_mean']:.2f} | {r['requests_per_document']:.0f} "
+                     f"| {added} | {mean} | {r['sim_host_busy_max_pct']}% | {share(r['router_cpu_share'])} / "
+                     f"{share(r['sim_host_cpu_share'])} | {load} |")
     return "\n".join(lines)
 
 
