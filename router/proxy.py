@@ -55,7 +55,8 @@ log = logging.getLogger("radixfleet.router.proxy")
 
 _PASSTHROUGH_REQUEST_HEADERS = ("X-Request-ID", "traceparent")
 WORKER_HEADER = "X-Radixfleet-Worker"
-_RELAYED_HEADERS = ("retry-after", "x-request-id")  # worker headers an error answer keeps on its way out
+# worker headers an error answer keeps on its way out (upstream names are lower-case; these go out as written)
+_RELAYED_HEADERS = {"retry-after": "Retry-After", "x-request-id": "X-Request-ID"}
 NO_WORKER_RETRY_AFTER_S = 1  # what a client is told to wait when no worker is routable
 
 
@@ -100,7 +101,7 @@ def _failure_of(exc: UpstreamError, when: str = "") -> _AttemptFailed:
 def _error_answer_failure(relay: _Relay) -> _AttemptFailed | None:
     """How a worker's 4xx/5xx answer is handled: None to relay it at once, else the failure to record."""
     status = relay.status
-    if status in (429, 503) and "retry-after" in relay.headers:
+    if status in (429, 503) and "Retry-After" in relay.headers:
         return _AttemptFailed(f"worker overloaded (status {status})", counts=False, shed=True, response=relay)
     if status == 500:  # the worker's handler raised on this input: another worker would too
         return _AttemptFailed("status 500", counts=False, retry=False, response=relay)
@@ -273,7 +274,7 @@ class Proxy:
             body = await upstream.read()
         except UpstreamError:
             body, content_type = error_json(f"worker answered {upstream.status}", "server_error"), "application/json"
-        kept = {name: upstream.headers[name] for name in _RELAYED_HEADERS if name in upstream.headers}
+        kept = {out: upstream.headers[name] for name, out in _RELAYED_HEADERS.items() if name in upstream.headers}
         return _Relay(upstream.status, body, content_type.split(";")[0], kept)
 
     @staticmethod
