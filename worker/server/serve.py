@@ -49,6 +49,7 @@ class ServeOptions:
     body_timeout_s: float = 60.0
     max_connections: int = 0
     max_active_requests: int | None = None
+    max_generated_tokens: int | None = None  # n * max_tokens bound; None: worker.server.limits' default
 
 
 def load_tokenizer(model_path: str):
@@ -95,8 +96,9 @@ async def serve(options: ServeOptions) -> int:
         tokenizer = info.tokenizer if info.tokenizer is not None else load_tokenizer(info.model_path)
     if options.chat_template is not None:
         tokenizer.chat_template = options.chat_template
+    limit_kwargs = {} if options.max_generated_tokens is None else {"max_generated_tokens": options.max_generated_tokens}
     ctx = ServerContext(options.config, client, tokenizer, info.model_name, info.max_model_len,
-                        options.served_model_names or None)
+                        options.served_model_names or None, **limit_kwargs)
     ctx.default_max_tokens = options.default_max_tokens
     # handler_cancellation: a client that disconnects cancels its handler, whose cleanup aborts the
     # request in the engine and frees its KV (streaming responses also notice on their next write).
