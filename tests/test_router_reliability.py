@@ -20,34 +20,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_router_integration import Fleet, LoopThread, _free_port, _wait_http, http  # noqa: E402
+# the same fleet of in-process stand-ins behind a router (its fixtures are used here as they are)
+from test_router_integration import Fleet, _free_port, _wait_http, fleet_factory, http, loop  # noqa: E402,F401
 
 from router.admin_url import BadWorkerUrl, validate_worker_url  # noqa: E402
 from router.admission import AdmissionGate, Shed  # noqa: E402
 from router.health import CircuitBreaker  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def loop():
-    lt = LoopThread()
-    yield lt
-    lt.close()
-
-
-@pytest.fixture
-def fleet_factory(loop):
-    made = []
-
-    def make(n_workers=2, **options) -> Fleet:
-        fleet = Fleet(loop, n_workers, **options)
-        made.append(fleet)
-        return fleet
-
-    yield make
-    for fleet in made:
-        fleet.close()
 
 
 def _chat_body(content: str, **extra) -> dict:
