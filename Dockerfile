@@ -53,7 +53,8 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_NO_INDEX
 ARG PIP_FIND_LINKS
 RUN pip install -c deploy/docker/constraints-cpu.txt --extra-index-url "$TORCH_INDEX_URL" \
-        torch -r deploy/docker/requirements.txt
+        torch -r deploy/docker/requirements.txt \
+    && pip install --no-deps -c deploy/docker/constraints-cpu.txt xgrammar
 COPY --from=src /app /app
 RUN pip install --no-deps --no-build-isolation . && python -c "import router, worker, kernels"
 USER radixfleet
@@ -70,7 +71,8 @@ RUN missing=""; command -v cc >/dev/null || missing="gcc libc6-dev"; \
     if [ -n "$missing" ]; then \
         apt-get update && apt-get install -y --no-install-recommends $missing && rm -rf /var/lib/apt/lists/*; \
     fi
-RUN pip install -c deploy/docker/constraints-cuda.txt torch triton -r deploy/docker/requirements.txt
+RUN pip install -c deploy/docker/constraints-cuda.txt torch triton -r deploy/docker/requirements.txt \
+    && pip install --no-deps -c deploy/docker/constraints-cuda.txt xgrammar
 COPY --from=src /app /app
 RUN pip install --no-deps --no-build-isolation . && python -c "import router, worker, kernels, triton"
 USER radixfleet

@@ -24,6 +24,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=2.13.0
 TRITON_VERSION=3.6.0
+XGRAMMAR_VERSION=0.2.9
 start=$(date +%s)
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
@@ -84,6 +85,15 @@ elif [ "$MODE" = test ]; then
 else
   echo "[setup] installing radixfleet (editable)"
   $PIP install -q -e .
+  if [ "$GPU" = yes ]; then
+    $PIP install -q -e ".[structured]"
+  else
+    # xgrammar (structured outputs) lists triton as a dependency on Linux x86_64 but never needs it on
+    # the CPU: install it without dependencies, then the ones it does use.
+    echo "[setup] installing xgrammar (structured outputs) without triton"
+    $PIP install -q --no-deps "xgrammar==$XGRAMMAR_VERSION" "apache-tvm-ffi>=0.1.11"
+    $PIP install -q pydantic "transformers>=5.0" "typing-extensions>=4.9"
+  fi
   echo "$want serve" > "$stamp"
 fi
 if [ "$MODE" = test ]; then

@@ -40,8 +40,11 @@ class InvalidGrammar(ValueError):
 
 
 def _xgrammar():
-    import xgrammar
-
+    try:
+        import xgrammar
+    except ImportError:  # an install without the `structured` extra: the request is refused, not crashed
+        raise InvalidGrammar("structured outputs need the xgrammar package on this worker: "
+                             "pip install 'radixfleet[structured]' (scripts/setup.sh installs it)") from None
     return xgrammar
 
 
