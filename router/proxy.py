@@ -56,6 +56,14 @@ log = logging.getLogger("radixfleet.router.proxy")
 WORKER_HEADER = "X-Radixfleet-Worker"
 # worker headers an error answer keeps on its way out (upstream names are lower-case; these go out as written)
 _RELAYED_HEADERS = {"retry-after": "Retry-After", "x-request-id": "X-Request-ID"}
+# worker headers a successful answer keeps: the request fields the worker accepted but ignored
+_SUCCESS_HEADERS = {"x-ignored-fields": "X-Ignored-Fields"}
+
+
+def _copy_success_headers(upstream: UpstreamResponse, response: web.StreamResponse) -> None:
+    for name, out in _SUCCESS_HEADERS.items():
+        if name in upstream.headers:
+            response.headers[out] = upstream.headers[name]
 NO_WORKER_RETRY_AFTER_S = 1  # what a client is told to wait when no worker is routable
 
 
@@ -259,6 +267,7 @@ class Proxy:
                 response = web.Response(status=status, body=body)
                 response.headers["Content-Type"] = content_type
                 response.headers[WORKER_HEADER] = worker.worker_id
+                _copy_success_headers(upstream, response)
                 return response
             return await self._pipe_stream(request, worker, upstream, content_type, timing)
         finally:
@@ -298,6 +307,7 @@ class Proxy:
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
         response.headers[WORKER_HEADER] = worker.worker_id
+        _copy_success_headers(upstream, response)
         try:
             await response.prepare(request)
             await response.write(first)

@@ -84,4 +84,5 @@ def test_ignored_fields_are_accepted_through_the_router(client):
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
         extra_body={"bootstrap_host": "10.0.0.1", "bootstrap_room": 1, "stream": None})
     assert raw.parse().choices[0].message.content is not None
-    # (the router does not pass the worker's X-Ignored-Fields header on yet: router/proxy.py picks the headers)
+    ignored = raw.headers.get("x-ignored-fields", "")
+    assert "bootstrap_host" in ignored and "bootstrap_room" in ignored  # the worker's header, relayed
