@@ -23,11 +23,12 @@ from aiohttp import web
 from router.policies import Decision, NoWorkerAvailable, RouteRequest
 from router.responses import json_error
 from router.upstream import UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamResponse
+from router.usage import prompt_tokens_in
 from worker.contracts import SSE_DONE, error_json, sse_error_event
 
 if TYPE_CHECKING:  # pragma: no cover
     from router.app import RouterState
-    from router.worker_pool import WorkerState
+    from router.worker_pool import PendingPrefill, WorkerState
 
 log = logging.getLogger("radixfleet.router.proxy")
 
@@ -49,9 +50,10 @@ class _AttemptFailed(Exception):
 class _Timing:
     """What an attempt needs to account for its first byte."""
 
-    uncached: int  # estimated prompt tokens the worker must prefill (its outstanding_tokens share)
+    pending: "PendingPrefill"  # the prompt tokens the worker must prefill (its outstanding_tokens share)
     endpoint: str
     started: float
+    text_chars: int  # routing characters, set against the worker's usage.prompt_tokens
 
 
 class Proxy:
@@ -98,11 +100,11 @@ class Proxy:
             self._record_decision(decision, route, endpoint)
             if attempt:
                 metrics.retries += 1
-            uncached = max(0, int((route.text_chars - decision.match_chars) / route.chars_per_token))
-            worker.on_dispatch(uncached)
+            pending = worker.on_dispatch(worker.uncached_tokens(route.text_chars, decision.match_chars),
+                                         stream, route.text_chars)
             try:
                 return await self._attempt(request, worker, path, raw, headers, stream,
-                                           _Timing(uncached, endpoint, started))
+                                           _Timing(pending, endpoint, started, route.text_chars))
             except _AttemptFailed as failure:
                 last_failure = failure
                 tried.append(worker)
@@ -110,7 +112,7 @@ class Proxy:
                 log.warning("worker %s failed before first byte (%s); %s", worker.worker_id, failure.reason,
                             "retrying" if attempt < state.config.max_retries else "no retries left")
             finally:
-                worker.on_finish()
+                worker.on_finish(pending)
         if last_failure is not None and last_failure.response is not None:
             status, body, content_type = last_failure.response
             metrics.errors["upstream"] += 1
@@ -135,9 +137,15 @@ class Proxy:
 
     def _first_byte(self, worker: "WorkerState", timing: "_Timing") -> None:
         """The worker answered: its prompt is prefilled, it is healthy, and the client's wait is known."""
-        worker.on_first_byte(timing.uncached)
+        worker.on_first_byte(timing.pending)
         worker.breaker.record_success()
         self.state.metrics.first_byte[timing.endpoint].observe(time.monotonic() - timing.started)
+
+    @staticmethod
+    def _usage(worker: "WorkerState", timing: "_Timing", data: bytes) -> None:
+        tokens = prompt_tokens_in(data)
+        if tokens:
+            worker.on_prompt_tokens(timing.text_chars, tokens)
 
     async def _attempt(self, request: web.Request, worker: "WorkerState", path: str, raw: bytes,
                        headers: str, stream: bool, timing: "_Timing") -> web.StreamResponse:
@@ -166,6 +174,7 @@ class Proxy:
                 except UpstreamError as exc:
                     raise _AttemptFailed(f"{exc} while reading the answer") from None
                 self._first_byte(worker, timing)
+                self._usage(worker, timing, body)
                 self.state.metrics.responses[f"{status // 100}xx"] += 1
                 response = web.Response(status=status, body=body)
                 response.headers["Content-Type"] = content_type
@@ -215,6 +224,8 @@ class Proxy:
                 break
             if not chunk:
                 break
+            if b'"prompt_tokens"' in chunk:  # the usage event (stream_options.include_usage)
+                self._usage(worker, timing, chunk)
             try:
                 await response.write(chunk)
             except (ConnectionError, aiohttp.ClientError):
