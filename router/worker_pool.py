@@ -136,7 +136,7 @@ class WorkerState:
 
     def uncached_tokens(self, text_chars: int, match_chars: int) -> int:
         """Prompt tokens this worker must prefill for a prompt of which `match_chars` are cached."""
-        return max(0, int((text_chars - match_chars) / self.tree.chars_per_token))
+        return max(0, round((text_chars - match_chars) / self.tree.chars_per_token))
 
     # --- the request path -----------------------------------------------------------------------
     def on_dispatch(self, prompt_tokens_uncached: int, streamed: bool = True,
