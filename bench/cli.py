@@ -14,6 +14,7 @@ BENCHMARKS = {
     "serve": ("bench.serve_bench", "replay a workload over HTTP against a worker or the router"),
     "router": ("bench.router_bench", "router overhead against instant stand-in workers"),
     "cache-hit": ("bench.cache_hit_bench", "multi-turn chat cache-hit rate per routing policy"),
+    "fleet": ("bench.fleet_bench", "Locust workloads through each router on fresh workers (cpu, sim, cuda)"),
     "tree": ("bench.tree_bench", "router tree lookup cost and memory at 100k+ prompts"),
     "calibrate": ("bench.calibrate", "fit the sim executor's step-time cost model from real engine steps (GPU)"),
     "kernels": ("bench.kernel_bench", "Triton attention kernels against torch (GPU)"),

@@ -1,6 +1,6 @@
 """Router overhead: requests/s on one core and added latency, radixfleet vs sglang-router, same stand-ins.
 
-Setup (printed with the results): K instant stand-in workers (tests/standin_worker.py --fast) and the
+Setup (printed with the results): K instant stand-in workers (bench/standin_worker.py --fast) and the
 load generator share one core; the router under test is pinned alone to another core (taskset-style
 affinity), so "requests/s on one core" is the router's own. Each router is measured:
   * latency: open loop at --rate req/s (non-streaming chat, ~1 KB prompts) for --seconds; latency is
@@ -33,7 +33,7 @@ from pathlib import Path
 from bench.plotting import script_main, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
-STANDIN = ROOT / "tests" / "standin_worker.py"
+STANDIN = Path(__file__).resolve().parent / "standin_worker.py"
 
 WORDS = "alpha beta gamma delta router cache prefix token worker latency batch queue kernel tensor".split()
 

@@ -95,7 +95,8 @@ def _child_command(spec: str, args, workload_path: Path, out_path: Path) -> tupl
         tree = Path(spec.split("@", 1)[1]).resolve() if "@" in spec else REPO_ROOT
         if not (tree / "worker").is_dir():
             raise SystemExit(f"--engines {spec}: {tree} holds no radixfleet source tree (no worker/ folder)")
-        env["PYTHONPATH"] = str(tree)
+        # the tree first; whatever PYTHONPATH already holds (e.g. wheels for missing packages) after it
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
         engine, cwd = "radixfleet", str(tree)
     else:
         raise SystemExit(f"--engines: unknown engine {spec!r} (radixfleet, radixfleet@DIR, vllm)")

@@ -75,7 +75,8 @@ class RouterState:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=60)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        worker_auth = {"Authorization": f"Bearer {self.config.worker_api_key}"} if self.config.worker_api_key else {}
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False, headers=worker_auth)
         self.upstream = UpstreamPool(self.config.connect_timeout_s, self.config.read_timeout_s)
         self.proxy = Proxy(self, self.session, self.upstream)
         self.monitor = HealthMonitor(self.pool, self.session, self.config.health_interval_s,

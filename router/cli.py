@@ -49,6 +49,7 @@ _HELP = {
     "breaker_cooldown_s": "seconds an open breaker waits before letting one probe through (doubles on failure)",
     "drain_timeout_s": "seconds to let in-flight requests finish after SIGTERM",
     "api_key": "clients must send 'Authorization: Bearer KEY'",
+    "worker_api_key": "key the workers require (their --api-key), sent to them as a Bearer token",
     "admin_key": "key for GET/POST/DELETE /workers; without it they are disabled",
     "worker_dns": "discover workers: every address HOST resolves to, on PORT (re-resolved periodically)",
     "dns_interval_s": "seconds between DNS lookups",
@@ -60,14 +61,16 @@ _GROUP = {
     "sessions": ("session_header", "session_ttl_s", "max_sessions"),
     "serving": ("max_retries", "connect_timeout_s", "read_timeout_s", "max_body_bytes", "drain_timeout_s"),
     "health": ("health_interval_s", "health_timeout_s", "failure_threshold", "breaker_cooldown_s"),
-    "security": ("api_key", "admin_key"),
+    "security": ("api_key", "admin_key", "worker_api_key"),
     "discovery": ("worker_dns", "dns_interval_s", "worker_scheme"),
 }
 _CHOICES = {"policy": POLICY_NAMES, "worker_scheme": ("http", "https")}
-_METAVAR = {"worker_urls": "URL", "worker_dns": "HOST:PORT", "api_key": "KEY", "admin_key": "KEY"}
+_METAVAR = {"worker_urls": "URL", "worker_dns": "HOST:PORT", "api_key": "KEY", "admin_key": "KEY",
+            "worker_api_key": "KEY"}
 # Secrets come from the environment too (compose and Kubernetes pass them so); --help names the variable,
 # never the value.
-_ENV = {"api_key": "RADIXFLEET_API_KEY", "admin_key": "RADIXFLEET_ADMIN_KEY"}
+_ENV = {"api_key": "RADIXFLEET_API_KEY", "admin_key": "RADIXFLEET_ADMIN_KEY",
+        "worker_api_key": "RADIXFLEET_WORKER_API_KEY"}
 
 # Flags of other routers (SGLang's router, mostly) that a user may bring along, and what to do here instead.
 FOREIGN_FLAGS = {

@@ -61,6 +61,8 @@ class RouterConfig:
     # Longest silence between two pieces of a streamed body. A running stream sends a token every decode
     # step (tens of ms); a preempted one waits for KV to free, which under overload takes seconds.
     inter_chunk_timeout_s: float = 60.0
+    # sent to the workers as "Authorization: Bearer KEY" (workers started with --api-key)
+    worker_api_key: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting and how to fix it."""

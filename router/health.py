@@ -3,6 +3,8 @@
 Passive detection: the proxy reports each failed attempt (connection refused, timeout, 5xx before
 the first byte) to the breaker. Active detection: the monitor polls every worker's /health and
 /load; a poll is one more success or failure, and /load refreshes the worker's load and KV capacity.
+Every change of a worker's poll result is logged with its URL and the reason ("connection refused",
+"/health answered 503: loading", ...), so an operator sees why a worker gets no traffic.
 """
 
 from __future__ import annotations
@@ -90,6 +92,39 @@ class CircuitBreaker:
         return self._failures
 
 
+def _health_body_reason(body: bytes) -> str:
+    """The worker's own words from a 503 /health body ({"status": ..., "reason": ...}), if any."""
+    import json
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    return ": ".join(str(data[k]) for k in ("status", "reason") if data.get(k))
+
+
+class HealthLog:
+    """Logs a worker's poll result whenever it changes (healthy, or down for a new reason)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, str | None] = {}  # url -> None (healthy) or the failure reason
+
+    def observe(self, worker: "WorkerState", reason: str | None) -> None:
+        known = worker.url in self._last
+        if known and self._last[worker.url] == reason:
+            return
+        self._last[worker.url] = reason
+        if reason is None:
+            log.info("worker %s (%s) is healthy%s", worker.worker_id, worker.url, " again" if known else "")
+        else:
+            log.warning("worker %s (%s) is not routable: %s", worker.worker_id, worker.url, reason)
+
+    def forget(self, url: str) -> None:
+        self._last.pop(url, None)
+
+
 class HealthMonitor(BackgroundLoop):
     """Polls every worker's /health and /load every `interval_s` seconds."""
 
@@ -99,6 +134,8 @@ class HealthMonitor(BackgroundLoop):
         self.session = session
         self.interval_s = interval_s
         self.timeout_s = timeout_s
+        self.health_log = HealthLog()
+        self._load_refused: set[str] = set()  # urls whose /load refused our key (logged once)
 
     async def _run(self) -> None:
         # Polls are spread over the interval rather than fired together, so the router never spends a
@@ -132,20 +169,30 @@ class HealthMonitor(BackgroundLoop):
         now = time.monotonic()
         try:
             async with self.session.get(worker.url + "/health", timeout=timeout) as resp:
-                await resp.read()
+                body = await resp.read()
                 healthy = resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorError):  # nothing listens: down
                 worker.breaker.record_poll(False, now, hard=True)
+                self.health_log.observe(worker, f"cannot connect ({exc.os_error.strerror or exc.os_error})")
             else:  # slow or cut: a busy worker may answer late, so count it toward the breaker only
                 worker.breaker.record_failure(now)
+                self.health_log.observe(worker, f"/health gave no answer in {self.timeout_s:g} s"
+                                        if isinstance(exc, asyncio.TimeoutError) else f"/health failed: {exc}")
             return False
         if not healthy:  # 503: loading or draining. Not routable until it says ready.
             worker.breaker.record_poll(False, now, hard=True)
+            said = _health_body_reason(body)
+            self.health_log.observe(worker, f"/health answered {resp.status}" + (f" ({said})" if said else ""))
             return False
         worker.breaker.record_poll(True, now)
+        self.health_log.observe(worker, None)
         try:
             async with self.session.get(worker.url + "/load", timeout=timeout) as resp:
+                if resp.status in (401, 403) and worker.url not in self._load_refused:
+                    self._load_refused.add(worker.url)
+                    log.warning("worker %s (%s) refused the router's key on /load: give the router the "
+                                "workers' key with --worker-api-key", worker.worker_id, worker.url)
                 if resp.status == 200:
                     report = LoadReport.from_json(await resp.json(content_type=None))
                     worker.report = report

@@ -66,10 +66,10 @@ class Proxy:
                                              sock_connect=cfg.connect_timeout_s,
                                              sock_read=cfg.read_timeout_s)
 
-    @staticmethod
-    def _upstream_headers(request: web.Request) -> str:
-        """Request headers worth passing on (tracing ids), as raw header lines."""
-        lines = ""
+    def _upstream_headers(self, request: web.Request) -> str:
+        """Request headers worth passing on (tracing ids), as raw header lines, and the workers' key."""
+        key = self.state.config.worker_api_key
+        lines = f"Authorization: Bearer {key}\r\n" if key else ""
         for name in _PASSTHROUGH_REQUEST_HEADERS:
             value = request.headers.get(name)
             if value is not None and "\r" not in value and "\n" not in value:

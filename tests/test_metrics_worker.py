@@ -97,4 +97,5 @@ def test_a_bad_prefix_is_a_clear_cli_error():
                             capture_output=True, text=True, timeout=120,
                             env={**__import__("os").environ, "RADIXFLEET_METRICS_PREFIX": "prom"})
     assert result.returncode == 2
-    assert "RADIXFLEET_METRICS_PREFIX" in result.stdout and "vllm" in result.stdout
+    message = result.stdout + result.stderr  # CLI errors go to stderr
+    assert "RADIXFLEET_METRICS_PREFIX" in message and "vllm" in message

@@ -32,7 +32,7 @@ def test_one_worker_per_visible_gpu_with_its_own_cuda_visible_devices():
 def test_no_gpu_means_two_cpu_workers_on_demo():
     specs = plan_workers(None, "auto", [], None, 8100)
     assert len(specs) == 2 and all(s.env == {} for s in specs)
-    assert specs[0].argv[-6:] == ["--model", "demo", "--port", "8100", "--device", "cpu"]
+    assert specs[0].argv[3:10] == ["worker", "--model", "demo", "--port", "8100", "--device", "cpu"]
 
 
 def test_bad_plans_are_explained():
@@ -92,7 +92,7 @@ def _free_port_block(n: int) -> int:
 def test_up_starts_workers_and_router_restarts_a_crash_and_stops_cleanly():
     base = _free_port_block(3)
     router_port, worker_base = base, base + 1
-    standin = ROOT / "tests" / "standin_worker.py"
+    standin = ROOT / "bench" / "standin_worker.py"
     cmd = [sys.executable, "-m", "worker.cli", "up", "--device", "cpu", "--num-workers", "2",
            "--port", str(router_port), "--host", "127.0.0.1", "--worker-base-port", str(worker_base),
            "--worker-cmd", f"{{python}} {standin} --port {{port}} --name up{{index}} --model {{model}}"]
@@ -155,13 +155,35 @@ def test_up_starts_workers_and_router_restarts_a_crash_and_stops_cleanly():
             proc.wait()
 
 
-@pytest.mark.timeout(60)
-def test_up_gives_up_on_a_worker_that_keeps_crashing_before_it_is_healthy():
+def _up_with_a_failing_worker(exit_code: int) -> subprocess.CompletedProcess:
+    """`up` with one worker whose command prints a line and exits with exit_code."""
     base = _free_port_block(2)
     cmd = [sys.executable, "-m", "worker.cli", "up", "--device", "cpu", "--num-workers", "1",
            "--port", str(base), "--worker-base-port", str(base + 1),
-           "--worker-cmd", "{python} -c 'import sys; print(\"no such model\"); sys.exit(3)'"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+           "--worker-cmd", f"{{python}} -c 'import sys; print(\"no such model\"); sys.exit({exit_code})'"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+
+
+@pytest.mark.timeout(60)
+def test_up_gives_up_on_a_worker_that_keeps_crashing_before_it_is_healthy():
+    proc = _up_with_a_failing_worker(3)
     assert proc.returncode == 1
     assert "[worker0] no such model" in proc.stdout
     assert "worker0 exited 3 times before becoming healthy" in proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_up_does_not_restart_a_worker_that_exits_on_bad_options():
+    proc = _up_with_a_failing_worker(2)
+    assert proc.returncode == 1
+    assert "worker0 exited with code 2 (bad options: see its message above); not restarting it" in proc.stdout
+    assert proc.stdout.count("started worker0") == 1
+
+
+def test_stop_timeouts_outlast_the_drains():
+    from router.config import RouterConfig
+    from router.launcher import stop_timeouts
+
+    router_s, worker_s = stop_timeouts(RouterConfig().drain_timeout_s)
+    assert router_s > RouterConfig().drain_timeout_s  # the router is never killed mid-drain
+    assert worker_s > 30 + 10  # a worker drains --shutdown-timeout (30), then aborts and waits up to 10 s

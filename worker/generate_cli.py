@@ -10,18 +10,28 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="*", help="prompts (default: one built-in prompt)")
     parser.add_argument("--model", default="demo", help="Hugging Face folder or built-in name (default: demo)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per choice")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 is greedy: every choice of --n is then the same text; use e.g. 0.8 for variety")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed; None: random")
+    parser.add_argument("--n", type=int, default=1, help="choices per prompt (differ only with --temperature > 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    parser.add_argument("--cpu-threads", default="auto", metavar="N|auto",
+                        help="torch threads on CPU; auto: $OMP_NUM_THREADS when set, else every usable core")
 
 
 def run(args: argparse.Namespace) -> int:
     from worker.config import ConfigError
+    from worker.server.cli import UsageError, apply_cpu_threads, resolve_cpu_threads
+
+    try:
+        apply_cpu_threads(resolve_cpu_threads(args.cpu_threads))  # before torch is imported
+    except UsageError as exc:
+        print(f"radixfleet generate: {exc}", file=sys.stderr)
+        return 2
     from worker.llm import LLM
     from worker.sampling_params import InvalidParameter, SamplingParams
 

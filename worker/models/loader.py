@@ -9,6 +9,7 @@ tensor whose shape disagrees with config.json, is reported with its name and wha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 import kernels.torch_ref as torch_ref
@@ -100,10 +101,23 @@ def find_tensor_files(folder: str | Path) -> dict[str, Path]:
         )
     locations: dict[str, Path] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
+        with _open_safetensors(path) as f:
             for name in f.keys():
                 locations[name] = path
     return locations
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path, device: str = "cpu"):
+    """safe_open, with a corrupt or truncated file reported by name (the library's message names none)."""
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            yield f
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt: "
+            "download or copy it again"
+        ) from error
 
 
 def _check_model_dtype_device(model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype) -> None:
@@ -163,7 +177,7 @@ def load_weights(
     with tqdm(total=len(layout), desc="Loading weights", unit="tensor", disable=not progress) as bar:
         for path, names in by_file.items():
             bar.set_postfix_str(path.name)
-            with safe_open(str(path), framework="pt", device=read_device) as f:
+            with _open_safetensors(path, read_device) as f:
                 for name in names:
                     _copy_tensor(f, name, path, layout[name], params)
                     bar.update()

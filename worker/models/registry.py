@@ -1,6 +1,7 @@
 """Turn a `--model` argument into a checkpoint folder.
 
-`resolve_model(name_or_path)`: an existing folder is used as is; a built-in preset name is written once
+`resolve_model(name_or_path)`: an existing folder is used as is; a hub id already in the local Hugging
+Face cache is its snapshot folder (nothing is downloaded); a built-in preset name is written once
 (seed 0, the preset's dtype) to ``$RADIXFLEET_HOME/models/<name>-seed0`` and reused afterwards
 (RADIXFLEET_HOME defaults to ~/.cache/radixfleet). Workers starting together on one machine take a file
 lock, so one of them writes the checkpoint while the others wait for it.
@@ -41,10 +42,44 @@ def resolve_model(name_or_path: str, progress: bool = True, weights: bool = True
         return path
     if is_preset(name_or_path):
         return _materialise(name_or_path, progress) if weights else _materialise_config(name_or_path)
+    cached = hub_cache_folder(name_or_path)
+    if cached is not None:
+        return cached
+    hint = ""
+    if _looks_like_hub_id(name_or_path):
+        hint = (f". It looks like a Hugging Face hub id: radixfleet does not download, so hub ids must already be "
+                f"in the local Hugging Face cache ({hub_cache_root()}; e.g. `huggingface-cli download "
+                f"{name_or_path}` on a machine with network access, then copy the cache or the folder here)")
     raise ValueError(
         f"--model {name_or_path!r} is neither an existing folder nor a built-in model; give the path of a "
-        f"Hugging Face checkpoint folder or one of the built-ins: {', '.join(preset_names())}"
+        f"Hugging Face checkpoint folder or one of the built-ins: {', '.join(preset_names())}{hint}"
     )
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    owner, sep, name = value.partition("/")
+    return bool(sep and owner and name and "/" not in name and not value.startswith((".", "~")))
+
+
+def hub_cache_root() -> Path:
+    """The Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME") or "~/.cache/huggingface").expanduser() / "hub"
+
+
+def hub_cache_folder(hub_id: str) -> Path | None:
+    """The snapshot folder of a hub id already in the local cache (refs/main, else the only snapshot)."""
+    if not _looks_like_hub_id(hub_id):
+        return None
+    repo = hub_cache_root() / f"models--{hub_id.replace('/', '--')}"
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    snapshots = sorted(p for p in (repo / "snapshots").glob("*") if p.is_dir())
+    return snapshots[0] if len(snapshots) == 1 else None
 
 
 def _is_complete(folder: Path) -> bool:

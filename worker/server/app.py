@@ -12,6 +12,7 @@ import logging
 from aiohttp import web
 
 from worker.contracts import LoadReport
+from worker.server.api_key import api_key_middleware
 from worker.server.chat import chat_completions
 from worker.server.completions import completions
 from worker.server.context import CTX_KEY, ServerContext, read_json
@@ -120,8 +121,10 @@ async def detokenize(request: web.Request) -> web.Response:
     return json_response({"prompt": ctx.tokenizer.decode(body.tokens, skip_special_tokens=False)})
 
 
-def build_app(ctx: ServerContext) -> web.Application:
-    app = web.Application(middlewares=[request_id_middleware, error_middleware, track_active], client_max_size=MAX_BODY_BYTES)
+def build_app(ctx: ServerContext, api_key: str | None = None) -> web.Application:
+    auth = [api_key_middleware(api_key)] if api_key else []
+    app = web.Application(middlewares=[request_id_middleware, error_middleware, *auth, track_active],
+                          client_max_size=MAX_BODY_BYTES)
     app[CTX_KEY] = ctx
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)

@@ -23,6 +23,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # The template writes the BOS and other special tokens itself.
     prompt_ids = await ctx.encode_off_loop(prompt, add_special_tokens=False)
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if chat.params.max_tokens is None and ctx.default_max_tokens is not None:  # worker --default-max-tokens
+        chat.params.max_tokens = max(1, min(ctx.default_max_tokens, ctx.max_model_len - len(prompt_ids)))
     ctx.check_generation_budget(prompt_ids, chat.params, max_name)
     generation = ctx.new_generation(prompt_ids, chat.params, param_names={"prompt": "messages", "max_tokens": max_name})
     generation.start()

@@ -54,6 +54,7 @@ class ServerContext:
         self.created = int(time.time())
         self.draining = False  # set on SIGTERM: no new requests
         self.active_handlers = 0  # generation requests being served (the shutdown waits for them)
+        self.default_max_tokens: int | None = None  # chat max_tokens when a request sets none (None: the rest)
 
     # ------------------------------------------------------------------ checks
     def check_model(self, model: str | None) -> None:

@@ -18,6 +18,21 @@ import urllib.request
 from pathlib import Path
 
 
+def bind_port(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, not yet listening (raises OSError when the port is taken).
+
+    As aiohttp's reuse_address: a port in TIME_WAIT counts as free, one something listens on does not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as sock:

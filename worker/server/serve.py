@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 
@@ -32,6 +33,13 @@ class ServeOptions:
     served_model_names: list[str] = field(default_factory=list)
     shutdown_timeout_s: float = 30.0  # how long in-flight requests may run on after SIGTERM
     engine_factory: str = DEFAULT_ENGINE_FACTORY
+    api_key: str | None = None  # clients must send it as a Bearer token (not /health, /metrics)
+    tokenizer_path: str | None = None  # the HTTP side's tokenizer folder; None: the model's
+    chat_template: str | None = None  # replaces the model's chat template
+    default_max_tokens: int | None = None  # chat max_tokens when a request sets none; None: rest of context
+    # Bound before the model loads (worker.server.launcher.bind_port), listening once it is ready.
+    # None: bind host:port when ready.
+    sock: socket.socket | None = None
 
 
 def load_tokenizer(model_path: str):
@@ -72,14 +80,23 @@ async def serve(options: ServeOptions) -> int:
                + ("" if log.isEnabledFor(logging.DEBUG) else "  (--log-level debug shows the traceback)"))
         await client.shutdown(timeout_s=5)
         return 1
-    tokenizer = info.tokenizer if info.tokenizer is not None else load_tokenizer(info.model_path)
+    if options.tokenizer_path is not None:
+        tokenizer = load_tokenizer(options.tokenizer_path)
+    else:
+        tokenizer = info.tokenizer if info.tokenizer is not None else load_tokenizer(info.model_path)
+    if options.chat_template is not None:
+        tokenizer.chat_template = options.chat_template
     ctx = ServerContext(options.config, client, tokenizer, info.model_name, info.max_model_len,
                         options.served_model_names or None)
+    ctx.default_max_tokens = options.default_max_tokens
     # handler_cancellation: a client that disconnects cancels its handler, whose cleanup aborts the
     # request in the engine and frees its KV (streaming responses also notice on their next write).
-    runner = web.AppRunner(build_app(ctx), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(build_app(ctx, options.api_key), handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, options.host, options.port, reuse_address=True)
+    if options.sock is not None:
+        site = web.SockSite(runner, options.sock)
+    else:
+        site = web.TCPSite(runner, options.host, options.port, reuse_address=True)
     try:
         await site.start()
     except OSError as error:
@@ -90,7 +107,7 @@ async def serve(options: ServeOptions) -> int:
         return 1
     url = f"http://{options.host}:{options.port}"
     _print(f"radixfleet worker ready at {url} (model {ctx.model_name!r}, max_model_len {info.max_model_len}, "
-           f"engine pid {info.pid})")
+           f"engine pid {info.pid}{', API key required' if options.api_key else ''})")
 
     await stop.wait()
     _print("radixfleet worker: shutting down (no new requests)")

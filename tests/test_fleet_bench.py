@@ -1,0 +1,175 @@
+"""`radixfleet bench fleet`: a short real run on stand-in workers, the streamed-request timing, and the
+clear one-line messages for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+
+import pytest
+import requests
+
+from bench import fleet_bench
+from bench.locust.streaming import request_body, stream_request
+from bench.locust.workloads import MultiTurnChat
+from tests.standin_worker import StandinWorker
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    fleet_bench.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture
+def standin():
+    """One stand-in worker on its own event loop thread, streaming one event per word."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    worker = asyncio.run_coroutine_threadsafe(StandinWorker("w0", chunk_delay_s=0.005).start(), loop).result(10)
+    yield worker
+    asyncio.run_coroutine_threadsafe(worker.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def test_a_streamed_request_reports_ttft_one_gap_per_later_event_and_the_text(standin):
+    session = MultiTurnChat(seed=0, max_tokens=3, system_prompts=1, system_chars=100).session(0)
+    path, body = request_body(session, "standin-model", [{"role": "user", "content": "hi"}])
+    with requests.Session() as http:
+        result = stream_request(http, standin.url, path, body)
+    assert result.ok and result.error is None
+    assert result.text == "Hello from w0"  # the stand-in's words, max_tokens 3
+    assert result.completion_tokens == 3 and result.prompt_tokens > 0
+    assert result.ttft_s is not None and len(result.itl_s) == 2
+    assert result.ttft_s <= result.e2e_s
+
+
+def test_an_http_error_is_a_failed_result_with_the_workers_message(standin):
+    body = {"model": "m", "messages": "not a list", "stream": True}
+    with requests.Session() as http:
+        result = stream_request(http, standin.url, "/v1/chat/completions", body)
+    assert not result.ok and result.error == "HTTP 400: messages must be a list"
+
+
+def test_fleet_run_on_two_standin_workers_and_two_routers_writes_the_rows(tmp_path, capsys):
+    out = tmp_path / "fleet"
+    args = parse("--executor", "standin", "--workers", "2", "--routers", "cache_aware,round_robin",
+                 "--workload", "chat", "--users", "3", "--duration", "3", "--max-tokens", "4",
+                 "--system-chars", "400", "--progress-s", "1", "--out", str(out))
+    assert fleet_bench.run(args) == 0
+    report = json.loads((out / "fleet.json").read_text())
+    rows = report["rows"]
+    assert [r["router"] for r in rows] == ["cache_aware", "round_robin"]
+    for row in rows:
+        for key in ("router", "req_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "hit_rate",
+                    "busiest_over_mean", "failed", "output_tok_s", "per_worker_requests",
+                    "per_worker_prompt_tokens"):
+            assert key in row, key
+        assert row["failed"] == 0 and row["requests"] > 0 and row["req_s"] > 0
+        assert row["ttft_p50_s"] <= row["ttft_p99_s"]
+        assert len(row["per_worker_prompt_tokens"]) == 2
+        assert sum(row["per_worker_prompt_tokens"]) == row["cache_query_tokens"] > 0
+        assert 0 < row["hit_rate"] < 1  # shared system prompts and growing chats hit the workers' caches
+        assert row["busiest_over_mean"] >= 1
+    assert (out / "fleet.csv").read_text().splitlines()[0].startswith("router,req_s,")
+    assert (out / "fleet.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "hit rate so far" in printed and "round_robin: starting 2 fresh standin workers" in printed
+
+
+def run_and_capture(capsys, *argv: str) -> tuple[int, str]:
+    code = fleet_bench.run(parse(*argv))
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out
+
+
+def test_unknown_workload_is_one_clear_message(capsys, tmp_path):
+    code, text = run_and_capture(capsys, "--workload", "nope", "--out", str(tmp_path))
+    assert code == 2 and "unknown workload 'nope': choose one of chat, docqa" in text
+
+
+def test_malformed_trace_line_names_file_and_line(capsys, tmp_path):
+    trace = tmp_path / "bad.jsonl"
+    trace.write_text('{"arrival_s": 0, "session_id": "a", "prompt": "x", "output_tokens": 1}\n{oops\n')
+    code, text = run_and_capture(capsys, "--workload", "trace", "--trace", str(trace), "--out", str(tmp_path))
+    assert code == 2 and f"{trace}:2: not valid JSON" in text
+
+
+def test_unreachable_worker_and_router_are_named(capsys, tmp_path):
+    from bench.router_bench import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    code, text = run_and_capture(capsys, "--worker-urls", dead, "--out", str(tmp_path))
+    assert code == 2 and f"worker {dead} is not reachable" in text
+    code, text = run_and_capture(capsys, "--router-url", dead, "--out", str(tmp_path))
+    assert code == 2 and f"router {dead} is not reachable" in text
+
+
+def test_unknown_router_and_missing_peer(monkeypatch):
+    with pytest.raises(fleet_bench.BenchError, match="unknown router 'fastest'"):
+        fleet_bench.resolve_routers(["cache_aware", "fastest"])
+    monkeypatch.setitem(fleet_bench.PEERS, "peer-router", ("no_such_module_xyz", "peer-router"))
+    routers, notes = fleet_bench.resolve_routers(["round_robin", "peer-router"])
+    assert routers == ["round_robin"]
+    assert notes == ["peer-router skipped: not installed (pip install peer-router)"]
+
+
+def test_a_worker_that_refuses_its_flags_is_named_with_its_log(capsys, tmp_path):
+    code, text = run_and_capture(capsys, "--executor", "cpu", "--workers", "1", "--routers", "round_robin",
+                                 "--worker-arg=--no-such-flag", "--duration", "1", "--out", str(tmp_path))
+    assert code == 2
+    assert "worker 0 (" in text and "did not come up" in text and "--no-such-flag" in text
+
+
+def test_worker_command_lines_per_executor():
+    sim = parse("--executor", "sim", "--kv-cache-tokens", "4096", "--model", "llama3-8b")
+    argv, env = fleet_bench.worker_argv(sim, 0, 9000)
+    assert argv[argv.index("--executor") + 1] == "sim" and argv[argv.index("--kv-cache-tokens") + 1] == "4096"
+    assert env == {}
+    # Four CUDA workers on one GPU, started in turn: cumulative fractions leave each ~0.2 of the GPU.
+    cuda = parse("--executor", "cuda", "--workers", "4", "--mem-fraction", "0.2", "--kv-cache-tokens", "4096")
+    fractions = []
+    for i in range(4):
+        argv, env = fleet_bench.worker_argv(cuda, i, 9000 + i)
+        fractions.append(float(argv[argv.index("--mem-fraction") + 1]))
+        assert env == {"CUDA_VISIBLE_DEVICES": "0"} and "--kv-cache-tokens" not in argv
+    assert fractions == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    two_gpus = parse("--executor", "cuda", "--workers", "4", "--gpus", "0,1", "--mem-fraction", "0.4")
+    placed = [fleet_bench.worker_argv(two_gpus, i, 9000)[1]["CUDA_VISIBLE_DEVICES"] for i in range(4)]
+    assert placed == ["0", "1", "0", "1"]
+
+
+def test_too_many_cuda_workers_for_one_gpu_is_refused(capsys, tmp_path):
+    code, text = run_and_capture(capsys, "--executor", "cuda", "--workers", "6", "--mem-fraction", "0.2",
+                                 "--out", str(tmp_path))
+    assert code == 2 and "lower --mem-fraction" in text
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert fleet_bench.percentile(values, 50) == 50.0
+    assert fleet_bench.percentile(values, 99) == 99.0
+    assert fleet_bench.percentile([3.0], 99) == 3.0
+    assert fleet_bench.percentile([], 50) is None
+
+
+def test_the_peer_shim_streams_events_through_and_drops_fields_the_worker_names(standin):
+    shims = fleet_bench.StreamingFieldFilterShims([standin.url])
+    try:
+        path, body = request_body(MultiTurnChat(seed=0, max_tokens=3).session(0), "standin-model",
+                                  [{"role": "user", "content": "hi"}])
+        with requests.Session() as http:
+            result = stream_request(http, shims.urls[0], path, body)
+            assert result.ok and result.text == "Hello from w0" and len(result.itl_s) == 2
+            # The stand-in names 'messages' as the bad field: the shim drops it, retries, and passes on
+            # the second refusal (now about a field the body no longer has).
+            refused = stream_request(http, shims.urls[0], "/v1/chat/completions",
+                                     {"model": "m", "messages": "x", "stream": True})
+        assert refused.error == "HTTP 400: messages must be a list"
+        assert shims.dropped == {"messages"}
+    finally:
+        shims.close()
