@@ -58,7 +58,7 @@ class RouteRequest:
     hashes: list[int]  # chunk-prefix names of the routing text (router.tree.chunk_hashes)
     text_chars: int
     session_key: str | None = None
-    chars_per_token: float = 4.0
+    chars_per_token: float = 4.0  # the configured default; placement uses each worker's measured figure
 
 
 @dataclass(slots=True)
