@@ -328,7 +328,12 @@ class CacheAware(Policy):
             # A miss: the least loaded, and among those the one where the copy evicts least.
             best_i = min(range(n), key=lambda i: (loads[i], costs[i], workers[i].processed, (i - rotation) % n))
             return workers[best_i], "cache_miss", matches[best_i]
-        best_i = min(range(n), key=lambda i: (costs[i], loads[i], workers[i].processed, (i - rotation) % n))
+        best_i = 0
+        best_key = None
+        for i, cost in enumerate(costs):
+            key = (cost, loads[i], workers[i].processed, (i - rotation) % n)
+            if best_key is None or key < best_key:
+                best_i, best_key = i, key
         chars = matches[best_i]
         return workers[best_i], ("cache_hit" if chars == best_match else "load_over_cache"), chars
 

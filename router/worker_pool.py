@@ -167,8 +167,12 @@ class WorkerState:
 
     def on_prompt_tokens(self, text_chars: int, prompt_tokens: int) -> None:
         """The worker counted `prompt_tokens` for a prompt of `text_chars` routing characters."""
-        self.chars_per_token.observe(text_chars, prompt_tokens)
-        self.tree.set_chars_per_token(self.chars_per_token.value)
+        cpt = self.chars_per_token
+        cpt.observe(text_chars, prompt_tokens)
+        value = cpt.value
+        tree = self.tree
+        if abs(value - tree.chars_per_token) > 0.005 * value:  # re-bound the tree only when it moved
+            tree.set_chars_per_token(value)
 
     def _release(self, pending: PendingPrefill) -> None:
         if pending.done:
