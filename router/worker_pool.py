@@ -243,6 +243,7 @@ class WorkerState:
             "chars_per_token": round(self.chars_per_token.value, 3),
             "chars_per_token_measured": self.chars_per_token.measured,
             "restarts": self.restarts,
+            "warming_up": self.joined_at is not None and self.joined_at >= 0,  # cache_aware's warm-up window
             "load": None if report is None else report.to_json(),
         }
 

@@ -121,11 +121,12 @@ def test_warm_up_stops_at_its_share_and_after_its_window():
     c = pool.add("http://10.0.0.9:8000")
     workers = list(pool)
     assert warm.tick(workers) is c
+    assert c.describe(0.0)["warming_up"] and not a.describe(0.0)["warming_up"]
     c.processed += 1  # it got one request: 0.5 * 2 / 3 is covered
     assert warm.tick(workers) is None
     for _ in range(20):
         warm.tick(workers)
-    assert c.joined_at == -1, "after the window it is an ordinary worker"
+    assert c.joined_at == -1 and not c.describe(0.0)["warming_up"], "after the window it is an ordinary worker"
 
 
 def test_warm_up_does_not_move_requests_off_an_idle_worker():
