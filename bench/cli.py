@@ -15,6 +15,7 @@ BENCHMARKS = {
     "router": ("bench.router_bench", "router overhead against instant stand-in workers"),
     "cache-hit": ("bench.cache_hit_bench", "multi-turn chat cache-hit rate per routing policy"),
     "fleet": ("bench.fleet_bench", "Locust workloads through each router on fresh workers (cpu, sim, cuda)"),
+    "multi-router": ("bench.multi_router_bench", "hit rate with 1, 2, 4 router replicas in front of the same sim workers"),
     "tree": ("bench.tree_bench", "router tree lookup cost and memory at 100k+ prompts"),
     "calibrate": ("bench.calibrate", "fit the sim executor's step-time cost model from real engine steps (GPU)"),
     "kernels": ("bench.kernel_bench", "Triton attention kernels against torch (GPU)"),

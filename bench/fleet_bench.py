@@ -214,6 +214,11 @@ def resolve_routers(names: list[str]) -> tuple[list[str], list[str]]:
     return run, notes
 
 
+def _pythonpath_with_root() -> str:
+    """This source tree first, then whatever PYTHONPATH already holds (e.g. wheels of missing packages)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
 # --- locust ----------------------------------------------------------------------------------------------
 
 def locust_argv(args, host: str, csv_prefix: Path, samples: Path) -> list[str]:
@@ -235,7 +240,7 @@ def run_locust(args, host: str, urls: list[str], logs: Path, tag: str) -> dict:
     samples_path = logs / f"{tag}_samples.json"
     log_path = logs / f"{tag}_locust.log"
     proc = subprocess.Popen(locust_argv(args, host, logs / f"{tag}_locust", samples_path), cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log_path.open("wb"),
+                            env={**os.environ, "PYTHONPATH": _pythonpath_with_root()}, stdout=log_path.open("wb"),
                             stderr=subprocess.STDOUT)
     start = time.monotonic()
     before = counters(urls)
@@ -481,10 +486,18 @@ def _run(args: argparse.Namespace) -> int:
     workload = args.workload + (f" {shape}" if shape else "")
     setup = f"{fleet}; workload {workload}; {load}; {cpu_model()}, {os.cpu_count()} cores"
     print(f"fleet bench: {setup}", flush=True)
+    failed_routers: list[str] = []
     if args.router_url:
         rows = [run_external_router(args.router_url, args, logs)]
     else:
-        rows = [run_router(name, args, logs, args.worker_urls) for name in routers]
+        rows = []
+        for name in routers:
+            try:
+                rows.append(run_router(name, args, logs, args.worker_urls))
+            except BenchError as exc:  # one router that cannot run must not cost the others' figures
+                print(f"  {name}: FAILED, left out of the table: {exc}", flush=True)
+                notes.append(f"{name} failed: {exc}")
+                failed_routers.append(name)
     if not rows:
         raise BenchError("no router to run: " + "; ".join(notes))
     print()
@@ -500,7 +513,7 @@ def _run(args: argparse.Namespace) -> int:
     write_csv(out / "fleet.csv", rows)
     plot(out / "fleet.png", rows, setup)
     print(f"wrote {out / 'fleet.json'}, {out / 'fleet.csv'}, {out / 'fleet.png'}")
-    return 0
+    return 1 if failed_routers else 0
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -165,7 +165,7 @@ def _report(args, folder: Path, sampling: list[str], results: list[dict], skippe
     if ratios:
         print_table(ratios, ["engine", "against", "figure", "ratio"], "ratios (best run of each; >1: first is faster)")
     payload = {"setting": setting, "model": str(folder), "gpu": _gpu_name(), "results": results,
-               "ratios": ratios, "skipped": skipped, "command": "radixfleet bench vs-vllm " + " ".join(sys.argv[3:])}
+               "ratios": ratios, "skipped": skipped, "command": _command_line(), "settings": vars(args)}
 
     def plot(path: Path) -> None:
         labels = [r["label"] for r in results]
@@ -180,6 +180,12 @@ def _report(args, folder: Path, sampling: list[str], results: list[dict], skippe
 
     write_report(Path(args.out) / f"vs_vllm_{Path(folder).name}", payload, plot)
     return 0 if not skipped else 1
+
+
+def _command_line() -> str:
+    """How this run was started, as `radixfleet bench vs-vllm ...` (also when run as a module)."""
+    argv = sys.argv[1:] if sys.argv[0].endswith("vs_vllm.py") else sys.argv[3:]
+    return "radixfleet bench vs-vllm " + " ".join(argv)
 
 
 def _best(result: dict, mode: str) -> float | None:

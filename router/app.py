@@ -18,6 +18,7 @@ import time
 import aiohttp
 from aiohttp import web
 
+from router.access_log import router_access_log
 from router.config import RouterConfig
 from router.discovery import DnsDiscovery
 from router.health import CircuitBreaker, HealthMonitor
@@ -25,6 +26,7 @@ from router.listen import ListenError, bind_error_line
 from router.metrics import CONTENT_TYPE, RouterMetrics, make_registry, render
 from router.policies import RouteRequest, make_policy
 from router.proxy import Proxy
+from router.request_id import echo_request_id, request_id_middleware
 from router.request_parsing import BadRequest, check_passthrough_headers, parse_request, read_body
 from router.responses import json_error, json_response
 from router.sessions import SessionTable
@@ -292,7 +294,8 @@ def build_app(config: RouterConfig) -> web.Application:
     """The aiohttp application. Its startup connects to the workers; cleanup closes everything."""
     state = RouterState(config)
     app = web.Application(client_max_size=config.max_body_bytes, handler_args={"max_field_size": 16384},
-                          middlewares=[auth_middleware])
+                          middlewares=[request_id_middleware, *router_access_log(config.access_log), auth_middleware])
+    app.on_response_prepare.append(echo_request_id)
     app[STATE_KEY] = state
     app.router.add_post("/v1/chat/completions", _generation_handler("/v1/chat/completions", "chat", "chat"))
     app.router.add_post("/v1/completions", _generation_handler("/v1/completions", "completion", "completions"))

@@ -50,6 +50,7 @@ _HELP = {
     "drain_timeout_s": "seconds to let in-flight requests finish after SIGTERM",
     "api_key": "clients must send 'Authorization: Bearer KEY'",
     "worker_api_key": "key the workers require (their --api-key), sent to them as a Bearer token",
+    "access_log": "one line per request on stderr: time, path, status, duration, request id, worker (no prompt text)",
     "admin_key": "key for GET/POST/DELETE /workers; without it they are disabled",
     "worker_dns": "discover workers: every address HOST resolves to, on PORT (re-resolved periodically)",
     "dns_interval_s": "seconds between DNS lookups",
@@ -64,7 +65,7 @@ _GROUP = {
     "security": ("api_key", "admin_key", "worker_api_key"),
     "discovery": ("worker_dns", "dns_interval_s", "worker_scheme"),
 }
-_CHOICES = {"policy": POLICY_NAMES, "worker_scheme": ("http", "https")}
+_CHOICES = {"policy": POLICY_NAMES, "worker_scheme": ("http", "https"), "access_log": ("off", "text", "json")}
 _METAVAR = {"worker_urls": "URL", "worker_dns": "HOST:PORT", "api_key": "KEY", "admin_key": "KEY",
             "worker_api_key": "KEY"}
 # Secrets come from the environment too (compose and Kubernetes pass them so); --help names the variable,

@@ -13,6 +13,7 @@ from router.policies import (
 )
 from router.tree import DEFAULT_CHARS_PER_TOKEN, DEFAULT_CHUNK_CHARS
 from router.worker_pool import DEFAULT_KV_TOKENS
+from worker.server.access_log import check_mode as check_access_log_mode
 from worker.server.limits import MAX_BODY_BYTES
 
 
@@ -63,6 +64,8 @@ class RouterConfig:
     inter_chunk_timeout_s: float = 60.0
     # sent to the workers as "Authorization: Bearer KEY" (workers started with --api-key)
     worker_api_key: str | None = None
+    # observability: one line per request on stderr, "json", "text" or "off" (router/access_log.py)
+    access_log: str = "off"
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting and how to fix it."""
@@ -89,3 +92,4 @@ class RouterConfig:
             raise ValueError("first_byte_timeout_s and inter_chunk_timeout_s must be > 0 (seconds)")
         if not self.session_header:
             raise ValueError("--session-header must not be empty")
+        check_access_log_mode(self.access_log)

@@ -32,7 +32,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("radixfleet.router.proxy")
 
-_PASSTHROUGH_REQUEST_HEADERS = ("X-Request-ID", "traceparent")
 WORKER_HEADER = "X-Radixfleet-Worker"
 
 
@@ -68,13 +67,11 @@ class Proxy:
 
     def _upstream_headers(self, request: web.Request) -> str:
         """Request headers worth passing on (tracing ids), as raw header lines, and the workers' key."""
+        from router.request_id import tracing_header_lines
         key = self.state.config.worker_api_key
         lines = f"Authorization: Bearer {key}\r\n" if key else ""
-        for name in _PASSTHROUGH_REQUEST_HEADERS:
-            value = request.headers.get(name)
-            if value is not None and "\r" not in value and "\n" not in value:
-                lines += f"{name}: {value}\r\n"
-        return lines
+        # The id the router serves the request under (the client's when sane) and a well-formed traceparent.
+        return lines + tracing_header_lines(request)
 
     async def forward(self, request: web.Request, path: str, raw: bytes, route: RouteRequest,
                       stream: bool, endpoint: str, started: float) -> web.StreamResponse:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from worker.engine.waiting_queue import POLICIES  # one list of scheduling policies: the queue registry's
 from worker.executor.registry import EXECUTOR_CLASSES
 
-POLICIES = ("fcfs", "priority", "lpm")
 DEVICES = ("auto", "cuda", "cpu")
 EXECUTORS = ("auto", *EXECUTOR_CLASSES)
 OVERLAP_MODES = ("auto", "on", "off")

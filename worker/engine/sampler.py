@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from itertools import chain
 
-import numpy as np
 import torch
 
 from worker.engine.sampled_tokens import PendingSample, SampleResult
 from worker.engine.sampling_filters import apply_min_p, apply_top_k, apply_top_k_top_p, device_tensor
+from worker.engine.sampling_penalties import apply_penalties, mask_stop_tokens
 from worker.sampling_params import SamplingParams
 
 __all__ = [  # the filters and PendingSample live in their own modules; importable from here as before
@@ -157,9 +156,9 @@ class Sampler:
             if work.data_ptr() == raw.data_ptr():
                 work = work.clone()  # never modify the caller's logits
             if penalty_rows:
-                self._apply_penalties(work, penalty_rows, states)
+                apply_penalties(work, penalty_rows, states, self.vocab_size)
             if min_tokens_rows:
-                self._mask_stop_tokens(work, min_tokens_rows, states)
+                mask_stop_tokens(work, min_tokens_rows, states, self.vocab_size)
         return work
 
     def _checked_logits(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
@@ -182,60 +181,6 @@ class Sampler:
 
     def _float_column(self, values: list[float]) -> torch.Tensor:
         return self._upload(values, torch.float32).unsqueeze(1)
-
-    # ------------------------------------------------------------------ penalties and masks
-    def _token_counts(self, id_lists: list[list[int]]) -> torch.Tensor:
-        """[R, V] float32: how often each token id occurs in each row's list (ids outside the vocab ignored).
-
-        One flat bincount over `row * (V + 1) + id`; the extra column per row collects out-of-vocab ids.
-        """
-        vocab = self.vocab_size
-        lengths = [len(ids) for ids in id_lists]
-        # numpy.fromiter is several times faster than torch.tensor on long Python lists (prompts re-sent each step)
-        flat_ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int64, count=sum(lengths))
-        flat_host = torch.from_numpy(flat_ids)
-        if self.device.type == "cuda":
-            flat_host = flat_host.pin_memory()  # a pageable source would make the copy wait for the device
-        flat = flat_host.to(self.device, non_blocking=True)
-        rows = torch.repeat_interleave(
-            torch.arange(len(id_lists), device=self.device), self._upload(lengths, torch.long)
-        )
-        flat = torch.where((flat >= 0) & (flat < vocab), flat, vocab)
-        counts = torch.bincount(rows * (vocab + 1) + flat, minlength=len(id_lists) * (vocab + 1))
-        return counts.view(len(id_lists), vocab + 1)[:, :vocab].float()
-
-    def _apply_penalties(self, logits: torch.Tensor, rows: list[int], states: list[SamplingState]) -> None:
-        index = self._index(rows)
-        params = [states[i].params for i in rows]
-        sub = logits.index_select(0, index)
-        output_counts = self._token_counts([states[i].output_token_ids for i in rows])
-
-        repetition = [p.repetition_penalty for p in params]
-        if any(r != 1.0 for r in repetition):
-            seen = (self._token_counts([states[i].prompt_token_ids for i in rows]) > 0) | (output_counts > 0)
-            penalty = self._float_column(repetition)
-            penalised = torch.where(sub > 0, sub / penalty, sub * penalty)
-            sub = torch.where(seen, penalised, sub)
-
-        frequency = [p.frequency_penalty for p in params]
-        if any(f != 0.0 for f in frequency):
-            sub = sub - self._float_column(frequency) * output_counts
-        presence = [p.presence_penalty for p in params]
-        if any(p != 0.0 for p in presence):
-            sub = sub - self._float_column(presence) * (output_counts > 0).float()
-        logits.index_copy_(0, index, sub)
-
-    def _mask_stop_tokens(self, logits: torch.Tensor, rows: list[int], states: list[SamplingState]) -> None:
-        """min_tokens: forbid eos and stop token ids in the given rows."""
-        row_ids: list[int] = []
-        col_ids: list[int] = []
-        for row in rows:
-            state = states[row]
-            banned = {t for t in (*state.eos_token_ids, *state.params.stop_token_ids) if 0 <= t < self.vocab_size}
-            row_ids.extend([row] * len(banned))
-            col_ids.extend(sorted(banned))
-        if row_ids:
-            logits[self._index(row_ids), self._index(col_ids)] = float("-inf")
 
     # ------------------------------------------------------------------ sampling
     def _sample_fused(self, work: torch.Tensor, raw: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:

@@ -21,53 +21,18 @@ wait on choice 0 (`Sequence.held_choices`) until its prompt is cached, then star
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 from worker.cache.kv_manager import KVManager
 from worker.cache.radix_cache import RadixCache
 from worker.engine.decode_reserve import DecodeReserve
 from worker.engine.protocol import FinishReason
+from worker.engine.scheduled_batch import ScheduledBatch, SchedulerConfig
 from worker.engine.sequence import Sequence, SeqStatus
 from worker.engine.stop_conditions import reached_length_limit, stop_reason
 from worker.engine.waiting_queue import make_waiting_queue
 
-
-@dataclass
-class SchedulerConfig:
-    max_num_batched_tokens: int = 2048
-    max_running_requests: int = 256
-    max_model_len: int = 4096
-    policy: str = "fcfs"  # fcfs | priority | lpm (worker.engine.waiting_queue)
-    priority_aging_s: float = 5.0
-    new_token_ratio_init: float = 0.7
-    new_token_ratio_min: float = 0.1
-    new_token_ratio_decay: float = 0.002  # per step
-
-
-@dataclass
-class ScheduledBatch:
-    """One step: `num_new_tokens[i]` tokens of `seqs[i]`, decodes first."""
-
-    seqs: list[Sequence] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    num_decodes: int = 0
-
-    def __len__(self) -> int:
-        return len(self.seqs)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    def sampling_rows(self) -> list[int]:
-        """The rows that sample this step, in batch order (the order of the step's logits)."""
-        return [i for i in range(len(self.seqs)) if self.samples(i)]
-
-    def samples(self, i: int) -> bool:
-        """Whether seqs[i] reaches its last token this step, so a new token is sampled for it."""
-        seq = self.seqs[i]
-        return seq.num_computed + self.num_new_tokens[i] == seq.num_tokens
+__all__ = ["ScheduledBatch", "Scheduler", "SchedulerConfig"]  # the first and last live in scheduled_batch.py
 
 
 def _add_to(batch: ScheduledBatch, seq: Sequence, num_tokens: int) -> None:

@@ -12,6 +12,7 @@ import logging
 from aiohttp import web
 
 from worker.contracts import LoadReport
+from worker.server.access_log import access_log_middlewares, configured_mode
 from worker.server.api_key import api_key_middleware
 from worker.server.chat import chat_completions
 from worker.server.completions import completions
@@ -19,7 +20,7 @@ from worker.server.context import CTX_KEY, ServerContext, read_json
 from worker.server.errors import ApiError, internal_error
 from worker.server.limits import MAX_BODY_BYTES  # the router imports the same limit
 from worker.server.metrics import CONTENT_TYPE
-from worker.server.request_id import request_id_middleware
+from worker.server.request_id import echo_request_id, request_id_middleware
 from worker.server.protocol import parse_detokenize_request, parse_tokenize_request
 from worker.server.streaming import json_response
 
@@ -123,8 +124,10 @@ async def detokenize(request: web.Request) -> web.Response:
 
 def build_app(ctx: ServerContext, api_key: str | None = None) -> web.Application:
     auth = [api_key_middleware(api_key)] if api_key else []
-    app = web.Application(middlewares=[request_id_middleware, error_middleware, *auth, track_active],
+    app = web.Application(middlewares=[request_id_middleware, *access_log_middlewares(configured_mode()),
+                                       error_middleware, *auth, track_active],
                           client_max_size=MAX_BODY_BYTES)
+    app.on_response_prepare.append(echo_request_id)
     app[CTX_KEY] = ctx
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)

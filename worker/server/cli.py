@@ -123,6 +123,9 @@ def add_worker_options(parser: argparse.ArgumentParser, for_up: bool = False) ->
         parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                             help="on SIGTERM, seconds in-flight requests may run on before they are aborted")
         parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+        parser.add_argument("--access-log", default="off", choices=("off", "text", "json"),
+                            help="one line per HTTP request on stderr (time, method, path, status, duration, "
+                                 "request id, token counts; never prompt text); default off")
     renamed = {"policy": ("--scheduling-policy",)} if for_up else None
     return actions + add_engine_arguments(parser, renamed=renamed)
 
@@ -245,6 +248,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:  # a bad RADIXFLEET_METRICS_PREFIX
         print(f"radixfleet worker: {error}", file=sys.stderr)
         return 2
+    from worker.server.access_log import configure_access_log
+
+    configure_access_log(getattr(args, "access_log", "off"))
     from worker.server.launcher import bind_port
 
     # Take the port before anything loads: a busy port is one line at once, not a failure after loading.
