@@ -21,6 +21,7 @@ BENCHMARKS = {
     "kernels": ("bench.kernel_bench", "Triton attention kernels against torch (GPU)"),
     "vs-vllm": ("bench.vs_vllm", "radixfleet and vLLM offline on the same checkpoint and workload (GPU)"),
     "fuzz": ("bench.fuzz_soak", "fuzzed request bodies at a worker and the router: statuses, 5xx, slow, RSS"),
+    "overload": ("bench.overload_soak", "10x overload, a SIGSTOPped worker and a soak through the router: lost, RSS"),
 }
 
 

@@ -18,8 +18,20 @@ The CUDA executor sizes its pool as mem_fraction x the GPU's total memory minus 
 use on it (other workers included), and ignores --kv-cache-tokens; so worker i on a GPU is given the
 cumulative fraction (i+1) x --mem-fraction, which leaves each worker about --mem-fraction of the GPU.
 
+Many sim workers (--executor sim with --workers over 8, or --sim-host one-process): one fresh
+`radixfleet sim-fleet` process per router setting holds them all (a process per worker does not fit a
+2-core box at 128), its --urls-file feeding the router. `--time-scale S` slows every modelled step S times
+for a host that cannot keep up (the sim-fleet's host_busy lines, kept in the row as sim_host_busy_pct, say
+when): req/s are then multiplied and latencies divided by S, and each row records its time_scale.
+
+The router's added latency is measured during the same load (router_added_* in each row of our routers):
+paired probes, TTFT through the router minus TTFT straight at the worker the router chose, beside a control
+pair with no router in it (its spread is the noise floor), and the mean of the router's own
+time_to_first_byte histogram minus the workers' time_to_first_token. These are host seconds, not scaled.
+
 Writes DIR/fleet.json (rows keyed router, req_s, output_tok_s, ttft_p50_s, ttft_p99_s, itl_p50_s,
-hit_rate, per_worker_requests, per_worker_prompt_tokens, busiest_over_mean, failed), DIR/fleet.csv,
+hit_rate, per_worker_requests, per_worker_prompt_tokens, busiest_over_mean, failed, router_added_p50_s,
+router_added_p99_s, router_added_mean_s, time_scale), DIR/fleet.csv,
 DIR/fleet.png, and per router the Locust CSVs and process logs under DIR/logs/.
 """
 
@@ -31,8 +43,10 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,7 +67,10 @@ PEERS = {  # name -> (python module to look for, pip package)
 WORKLOAD_FLAGS = ("documents", "doc_chars", "zipf", "system_prompts", "system_chars", "turns", "user_chars",
                   "groups", "prompts_per_group", "prefix_chars", "question_chars", "trace")
 ROW_KEYS = ("router", "req_s", "output_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "e2e_p50_s", "hit_rate",
-            "busiest_over_mean", "failed", "requests", "per_worker_requests", "per_worker_prompt_tokens")
+            "busiest_over_mean", "failed", "requests", "router_added_p50_s", "router_added_p99_s",
+            "router_added_mean_s", "time_scale", "per_worker_requests", "per_worker_prompt_tokens")
+SIM_PROCESS_PER_WORKER_MAX = 8  # --sim-host auto: more sim workers than this share one sim-fleet process
+SIM_REPORT_S = 5  # seconds between the sim-fleet's host_busy lines
 
 
 class StreamingFieldFilterShims(FieldFilterShims):
@@ -184,6 +201,191 @@ def counters(urls: list[str]) -> list[dict]:
         raise BenchError(f"cannot read /load from the workers {urls}: {exc}") from None
 
 
+# --- one-process sim host --------------------------------------------------------------------------------
+
+def one_process_sim(args) -> bool:
+    """Run the sim workers as one `radixfleet sim-fleet` process (auto: when more than 8 of them)."""
+    if args.executor != "sim":
+        return False
+    return args.sim_host == "one-process" or (args.sim_host == "auto" and args.workers > SIM_PROCESS_PER_WORKER_MAX)
+
+
+def sim_fleet_argv(args, urls_file: Path) -> list[str]:
+    argv = [sys.executable, "-m", "worker.cli", "sim-fleet", "--workers", str(args.workers), "--base-port", "0",
+            "--host", "127.0.0.1", "--model", args.model, "--urls-file", str(urls_file),
+            "--time-scale", f"{args.time_scale:g}", "--report-s", str(SIM_REPORT_S), "--no-progress"]
+    if args.kv_cache_tokens:
+        argv += ["--kv-cache-tokens", str(args.kv_cache_tokens)]
+    return argv + (args.worker_arg or [])
+
+
+def start_sim_fleet(args, logs: Path, tag: str) -> tuple[list[subprocess.Popen], list[str], Path]:
+    """One fresh sim-fleet process (empty caches) and its worker URLs, read from its --urls-file."""
+    urls_file = logs / f"{tag}_sim_fleet_urls.txt"
+    urls_file.unlink(missing_ok=True)
+    log_path = logs / f"{tag}_sim_fleet.log"
+    argv = sim_fleet_argv(args, urls_file)
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + args.worker_timeout
+    while not (urls_file.exists() and urls_file.read_text().endswith("\n")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop([proc])
+            why = f"exited with {proc.returncode}" if proc.returncode is not None else \
+                f"was not up within --worker-timeout {args.worker_timeout:g} s"
+            raise BenchError(f"sim-fleet ({' '.join(argv[3:])}) {why}; its log {log_path} ends: {log_tail(log_path)}")
+        time.sleep(0.2)
+    urls = urls_file.read_text().split()
+    try:
+        for url in urls:
+            wait_http(url + "/health", timeout_s=60, proc=proc)
+    except (RuntimeError, TimeoutError) as exc:
+        stop([proc])
+        raise BenchError(f"sim-fleet worker did not answer /health: {exc}; see {log_path}") from None
+    print(f"    {len(urls)} sim workers ready in one process, {urls[0]} .. {urls[-1]}", flush=True)
+    return [proc], urls, log_path
+
+
+def cpu_seconds(proc: subprocess.Popen | None) -> float | None:
+    """User + system CPU seconds a process has used so far (Linux /proc), None where unknown."""
+    try:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_share(before: float | None, after: float | None, seconds: float) -> float | None:
+    return None if before is None or after is None or seconds <= 0 else (after - before) / seconds
+
+
+HOST_BUSY = re.compile(r"host_busy (\d+)% of one core")
+
+
+def host_busy_during(log_path: Path, from_offset: int) -> list[int]:
+    """The sim-fleet's host_busy figures (percent of one core spent in engine steps) printed after an offset."""
+    try:
+        with log_path.open("rb") as f:
+            f.seek(from_offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [int(v) for v in HOST_BUSY.findall(text)]
+
+
+# --- the router's added latency --------------------------------------------------------------------------
+# Two measures, taken during the Locust run (so at the offered load):
+#  * paired probes: a small streamed completion through the router, then the same-shaped one straight at the
+#    worker the router picked (its X-Radixfleet-Worker header), then one more straight at it; the added
+#    latency of a probe is TTFT via router minus TTFT direct. Same worker, moments apart: what differs is the
+#    router's hop, plus the noise of landing in another engine step, which the control (second direct minus
+#    first direct, no router in it) measures, so a reader can tell the router's share from that noise.
+#  * histogram means over all the Locust requests: the router's own time_to_first_byte mean minus the workers'
+#    time_to_first_token mean (exact means; Prometheus buckets are too coarse for millisecond quantiles). The
+#    direct probes, which only the workers saw, are taken out of the workers' totals (their client-side TTFT,
+#    a hop longer than the worker's own figure: close enough against thousands of Locust requests).
+# Router work is not slowed by --time-scale, so these stay in host seconds (not divided by the scale).
+
+PROBE_PROMPT_CHARS = 200
+
+
+def probe_ttft(http, url: str, body: dict) -> tuple[float, str | None]:
+    """(seconds to the first streamed event, the X-Radixfleet-Worker header) of one streamed completion."""
+    started = time.perf_counter()
+    with http.post(url + "/v1/completions", json=body, stream=True, timeout=120) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+        for line in resp.iter_lines():
+            if line.startswith(b"data:"):
+                ttft = time.perf_counter() - started
+                for _ in resp.iter_lines():  # drain, so the connection is reused
+                    pass
+                return ttft, resp.headers.get("X-Radixfleet-Worker")
+    raise RuntimeError("the stream ended with no event")
+
+
+class LatencyProbe(threading.Thread):
+    """Paired probes (router vs direct, and direct vs direct as a control) until stopped."""
+
+    def __init__(self, router_url: str, worker_urls: list[str], model: str, interval_s: float):
+        super().__init__(daemon=True, name="router-latency-probe")
+        self.router_url, self.worker_urls, self.model, self.interval_s = router_url, worker_urls, model, interval_s
+        self.added: list[float] = []
+        self.control: list[float] = []
+        self.direct_ttfts: list[float] = []  # the probes the workers saw with no router in front
+        self.errors = 0
+        self._stopping = threading.Event()
+
+    def body(self, n: int) -> dict:
+        text = f"latency probe {n}: " + ("the quick brown fox jumps over the lazy dog " * 8)[:PROBE_PROMPT_CHARS]
+        return {"model": self.model, "prompt": text, "max_tokens": 1, "temperature": 0, "stream": True}
+
+    def run(self) -> None:
+        import requests
+
+        n = 0
+        with requests.Session() as http:
+            while not self._stopping.wait(self.interval_s):
+                n += 1
+                try:
+                    self._pair(http, n)
+                except (OSError, RuntimeError, ValueError, requests.RequestException):
+                    self.errors += 1
+
+    def _pair(self, http, n: int) -> None:
+        via_router, worker_id = probe_ttft(http, self.router_url, self.body(3 * n))
+        index = worker_id[1:] if worker_id and worker_id.startswith("w") else ""
+        if not index.isdigit() or int(index) >= len(self.worker_urls):
+            raise ValueError(f"router answered with worker header {worker_id!r}")
+        direct_url = self.worker_urls[int(index)]
+        direct, _ = probe_ttft(http, direct_url, self.body(3 * n + 1))
+        self.direct_ttfts.append(direct)
+        direct_again, _ = probe_ttft(http, direct_url, self.body(3 * n + 2))
+        self.direct_ttfts.append(direct_again)
+        self.added.append(via_router - direct)  # one after the other on the same worker ...
+        self.control.append(direct_again - direct)  # ... as this pair, which has no router in it
+
+    def finish(self) -> None:
+        self._stopping.set()
+        self.join(timeout=130)
+
+
+def histogram_totals(url: str, name: str) -> tuple[float, float]:
+    """(sum, count) of histogram `name` in url's /metrics, added up over its labels; (0, 0) if absent."""
+    with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=10) as resp:
+        text = resp.read().decode(errors="replace")
+    totals = [0.0, 0.0]
+    for line in text.splitlines():
+        for i, suffix in enumerate(("_sum", "_count")):
+            if line.startswith(name + suffix) and line[len(name) + len(suffix)] in " {":
+                totals[i] += float(line.rsplit(" ", 1)[1])
+    return totals[0], totals[1]
+
+
+def ttft_means(router_url: str, worker_urls: list[str]) -> dict:
+    """Histogram totals: the router's time to first byte and the workers' time to first token."""
+    router = histogram_totals(router_url, "radixfleet_router_time_to_first_byte_seconds")
+    workers = [histogram_totals(u, "radixfleet:time_to_first_token_seconds") for u in worker_urls]
+    return {"router": router, "workers": (sum(w[0] for w in workers), sum(w[1] for w in workers))}
+
+
+def router_added_figures(probe: LatencyProbe | None, before: dict | None, after: dict | None) -> dict:
+    figures = {"router_added_p50_s": None, "router_added_p99_s": None, "router_added_probes": 0,
+               "probe_control_p50_s": None, "probe_control_p99_s": None, "probe_errors": 0,
+               "router_added_mean_s": None}
+    if probe is not None:
+        figures.update(router_added_p50_s=percentile(probe.added, 50), router_added_p99_s=percentile(probe.added, 99),
+                       router_added_probes=len(probe.added), probe_control_p50_s=percentile(probe.control, 50),
+                       probe_control_p99_s=percentile(probe.control, 99), probe_errors=probe.errors)
+    if before and after:
+        (rs, rc), (ws, wc) = [[a - b for a, b in zip(after[k], before[k])] for k in ("router", "workers")]
+        if probe is not None:  # the direct probes reached the workers only: out of the workers' totals
+            ws, wc = ws - sum(probe.direct_ttfts), wc - len(probe.direct_ttfts)
+        if rc and wc:
+            figures["router_added_mean_s"] = rs / rc - ws / wc
+    return figures
+
+
 # --- routers ---------------------------------------------------------------------------------------------
 
 def router_argv(name: str, urls: list[str], port: int, args) -> list[str]:
@@ -192,8 +394,13 @@ def router_argv(name: str, urls: list[str], port: int, args) -> list[str]:
         return [sys.executable, "-m", f"{module}.launch_router", "--worker-urls", *urls, "--port", str(port),
                 "--host", "127.0.0.1", "--policy", "cache_aware", "--log-level", "warn",
                 "--prometheus-port", str(free_port())]
+    extra = list(args.router_arg or [])
+    if args.time_scale != 1.0 and not any(a.startswith("--health-interval") for a in extra):
+        # Polls of /health and /load cost host time per worker that no time scale slows: at 128 workers, 1 s
+        # apart, they outnumber the requests. Spaced S times wider they stay 1 s apart in modelled time.
+        extra += ["--health-interval", f"{args.time_scale:g}"]
     return [sys.executable, "-m", "worker.cli", "router", "--worker-urls", *urls, "--port", str(port),
-            "--host", "127.0.0.1", "--policy", name, "--log-level", "WARNING", *(args.router_arg or [])]
+            "--host", "127.0.0.1", "--policy", name, "--log-level", "WARNING", *extra]
 
 
 def resolve_routers(names: list[str]) -> tuple[list[str], list[str]]:
@@ -278,7 +485,10 @@ def hit_totals(before: list[dict], after: list[dict]) -> tuple[int, int]:
     return hits, queries
 
 
-def summarize(router: str, samples: dict, before: list[dict], after: list[dict], notes: list[str]) -> dict:
+def summarize(router: str, samples: dict, before: list[dict], after: list[dict], notes: list[str],
+              time_scale: float = 1.0) -> dict:
+    """One row. Under a sim --time-scale S every modelled step lasted S times longer: rates are multiplied
+    by S and latencies divided by S, back to the modelled GPU's time (the row's time_scale says S)."""
     by_name: dict[str, list] = {}
     for name, seconds, ok, length in samples["samples"]:
         by_name.setdefault(name, []).append((seconds, ok, length))
@@ -292,14 +502,19 @@ def summarize(router: str, samples: dict, before: list[dict], after: list[dict],
     # Requests per worker when every worker reports them (/metrics), else prompt tokens.
     basis = per_requests if all(r is not None for r in per_requests) else per_tokens
     mean = sum(basis) / len(basis) if basis else 0
+
+    def modelled(seconds: float | None) -> float | None:
+        return None if seconds is None else seconds / time_scale
+
     return {
         "router": router,
-        "req_s": len(good) / elapsed,
-        "output_tok_s": sum(s[2] for s in good) / elapsed,
-        "ttft_p50_s": percentile([s[0] for s in by_name.get("ttft", [])], 50),
-        "ttft_p99_s": percentile([s[0] for s in by_name.get("ttft", [])], 99),
-        "itl_p50_s": percentile([s[0] for s in by_name.get("itl", [])], 50),
-        "e2e_p50_s": percentile([s[0] for s in good], 50),
+        "req_s": len(good) / elapsed * time_scale,
+        "output_tok_s": sum(s[2] for s in good) / elapsed * time_scale,
+        "ttft_p50_s": modelled(percentile([s[0] for s in by_name.get("ttft", [])], 50)),
+        "ttft_p99_s": modelled(percentile([s[0] for s in by_name.get("ttft", [])], 99)),
+        "itl_p50_s": modelled(percentile([s[0] for s in by_name.get("itl", [])], 50)),
+        "e2e_p50_s": modelled(percentile([s[0] for s in good], 50)),
+        "time_scale": time_scale,
         "hit_rate": hits / queries if queries else 0.0,
         "busiest_over_mean": max(basis) / mean if mean else 0.0,
         "failed": len(e2e) - len(good),
@@ -342,6 +557,11 @@ def plot(path: Path, rows: list[dict], setup: str) -> None:
          "labels": [f"w{i}" for i in range(n)], "series": {r["router"]: r[basis] for r in rows}},
         {"title": "busiest / mean worker", "ylabel": "ratio", "labels": labels, "series": series("busiest_over_mean")},
     ]
+    if any(r["router_added_p99_s"] is not None for r in rows):
+        panels.append({"title": "router added latency (paired probes)", "ylabel": "ms", "labels": labels,
+                       "series": {"p50": [_ms(r["router_added_p50_s"]) for r in rows],
+                                  "p99": [_ms(r["router_added_p99_s"]) for r in rows],
+                                  "control p99": [_ms(r["probe_control_p99_s"]) for r in rows]}})
     bar_panels(path, panels, "radixfleet bench fleet", footnote=setup)
 
 
@@ -351,11 +571,16 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
     tag = name.replace("/", "_")
     notes: list[str] = []
     workers: list[subprocess.Popen] = []
-    router = shims = None
+    router = shims = probe = None
+    sim_log: Path | None = None
+    means_before = means_after = None
     try:
         if external_urls:
             urls = external_urls
             notes.append("existing workers (--worker-urls): caches were not emptied; counters are deltas")
+        elif one_process_sim(args):
+            print(f"  {name}: starting {args.workers} fresh sim workers in one sim-fleet process", flush=True)
+            workers, urls, sim_log = start_sim_fleet(args, logs, tag)
         else:
             print(f"  {name}: starting {args.workers} fresh {args.executor} workers", flush=True)
             workers, urls = start_workers(args, logs, tag)
@@ -374,13 +599,29 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
         time.sleep(1.5)  # let the router's first /load polls land
         before = counters(urls)
         load_before = load_average()
+        router_url = f"http://127.0.0.1:{port}"
+        ours = name not in PEERS  # peers have no worker header and no time_to_first_byte histogram
+        if ours and args.probe_interval_s > 0:
+            means_before = ttft_means(router_url, urls)
+            probe = LatencyProbe(router_url, urls, args.served_model or args.model, args.probe_interval_s)
+            probe.start()
+        sim_log_offset = sim_log.stat().st_size if sim_log else 0
+        # CPU the router and the one-process sim host used during the load (a share of one core each)
+        host_proc = workers[0] if sim_log else None
+        cpu_before = (cpu_seconds(router), cpu_seconds(host_proc), time.monotonic())
         print(f"  {name}: locust {args.workload}, {args.users} users"
               + (f", {args.rate}/s open loop" if args.rate > 0 else ", closed loop") + f", {args.duration}s",
               flush=True)
-        samples = run_locust(args, f"http://127.0.0.1:{port}", urls, logs, tag)
+        samples = run_locust(args, router_url, urls, logs, tag)
+        cpu_after = (cpu_seconds(router), cpu_seconds(host_proc), time.monotonic())
+        if probe is not None:
+            probe.finish()
+            means_after = ttft_means(router_url, urls)
         after = counters(urls)
         load_after = load_average()
     finally:
+        if probe is not None:
+            probe.finish()
         if router is not None:
             stop([router])
         if shims is not None:
@@ -388,11 +629,24 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
                 notes.append(f"shim dropped fields the workers reject: {', '.join(sorted(shims.dropped))}")
             shims.close()
         stop(workers)
-    row = summarize(name, samples, before, after, notes)
+    row = summarize(name, samples, before, after, notes, args.time_scale)
+    row.update(router_added_figures(probe, means_before, means_after))
     # On a shared machine other work moves every figure: record how busy it was around the run.
     row["load_average_before_after"] = [load_before, load_after]
+    elapsed = cpu_after[2] - cpu_before[2]
+    row["router_cpu_share"] = cpu_share(cpu_before[0], cpu_after[0], elapsed)
+    if sim_log is not None:
+        row["sim_host_cpu_share"] = cpu_share(cpu_before[1], cpu_after[1], elapsed)
+    if sim_log is not None:
+        # Percent of one core the sim engines' steps took, per report line during the load: near 100 the
+        # host could not keep up with the modelled GPU, and a larger --time-scale is needed.
+        row["sim_host_busy_pct"] = host_busy_during(sim_log, sim_log_offset)
+    added = row["router_added_p99_s"]
     print(f"  {name}: {row['req_s']:.2f} req/s, hit rate {100 * row['hit_rate']:.1f}%, "
-          f"{row['failed']} failed", flush=True)
+          f"{row['failed']} failed" + (f", router added p99 {1000 * added:.1f} ms" if added is not None else "")
+          + (f", sim host_busy {row['sim_host_busy_pct']}%, sim-fleet process {_pct(row['sim_host_cpu_share'])} "
+             f"of a core" if sim_log is not None else "")
+          + f", router process {_pct(row['router_cpu_share'])} of a core", flush=True)
     return row
 
 
@@ -403,7 +657,7 @@ def run_external_router(url: str, args, logs: Path) -> dict:
     samples = run_locust(args, url.rstrip("/"), urls, logs, "external")
     after = counters(urls) if urls else []
     notes = [] if urls else ["no --worker-urls: hit rate and per-worker figures unknown"]
-    return summarize(f"external {url}", samples, before, after, notes)
+    return {**summarize(f"external {url}", samples, before, after, notes), **router_added_figures(None, None, None)}
 
 
 def validate(args) -> None:
@@ -419,6 +673,11 @@ def validate(args) -> None:
         if per_gpu * args.mem_fraction > 0.98:
             raise BenchError(f"{per_gpu} CUDA workers per GPU at --mem-fraction {args.mem_fraction} each need "
                              f"{per_gpu * args.mem_fraction:.2f} of a GPU: lower --mem-fraction (per worker)")
+    if args.time_scale != 1.0 and not one_process_sim(args):
+        raise BenchError(f"--time-scale {args.time_scale:g} needs sim workers in one process: add --executor sim "
+                         "--sim-host one-process")
+    if not args.time_scale > 0:
+        raise BenchError(f"--time-scale must be positive, got {args.time_scale:g}")
     for url in args.worker_urls or []:
         check_reachable(url, "worker")
 
@@ -451,6 +710,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in WORKLOAD_FLAGS:
         g.add_argument("--" + name.replace("_", "-"), default=None, type=str if name == "trace" else
                        (float if name == "zipf" else int))
+    parser.add_argument("--sim-host", default="auto", choices=("auto", "one-process", "per-worker"),
+                        help="sim: all workers in one `radixfleet sim-fleet` process, or a process per worker "
+                             f"(auto: one process when more than {SIM_PROCESS_PER_WORKER_MAX} workers)")
+    parser.add_argument("--time-scale", type=float, default=1.0, metavar="S",
+                        help="sim one-process: every modelled step S times slower, for a host that cannot keep up "
+                             "(req/s are multiplied and latencies divided by S in the report)")
+    parser.add_argument("--probe-interval-s", type=float, default=0.5,
+                        help="seconds between router-vs-direct latency probes during the load (0: none)")
     parser.add_argument("--worker-timeout", type=float, default=600, help="seconds a worker may take to start")
     parser.add_argument("--progress-s", type=float, default=10, help="seconds between progress lines")
     parser.add_argument("--out", default="results/fleet", help="output folder")
@@ -479,7 +746,9 @@ def _run(args: argparse.Namespace) -> int:
     fleet = (f"{len(args.worker_urls)} existing workers" if args.worker_urls
              else f"{args.workers} {args.executor} workers, model {args.model}"
              + (f", kv {args.kv_cache_tokens} tokens each" if args.kv_cache_tokens else "")
-             + (f", mem-fraction {args.mem_fraction} each on GPU(s) {args.gpus}" if args.executor == "cuda" else ""))
+             + (f", mem-fraction {args.mem_fraction} each on GPU(s) {args.gpus}" if args.executor == "cuda" else "")
+             + ((f", one sim-fleet process, time scale {args.time_scale:g} (figures converted back to modelled "
+                 "time; router added latency in host time)") if one_process_sim(args) else ""))
     load = (f"{args.users} users, " + (f"open loop {args.rate}/s" if args.rate > 0 else "closed loop")
             + f", {args.duration}s per router, max_tokens {args.max_tokens}, seed {args.seed}")
     shape = {n: getattr(args, n) for n in WORKLOAD_FLAGS if getattr(args, n) is not None}
@@ -502,9 +771,11 @@ def _run(args: argparse.Namespace) -> int:
         raise BenchError("no router to run: " + "; ".join(notes))
     print()
     print_table([{**r, "hit %": 100 * r["hit_rate"], "ttft p50 ms": _ms(r["ttft_p50_s"]),
-                  "ttft p99 ms": _ms(r["ttft_p99_s"]), "itl p50 ms": _ms(r["itl_p50_s"])} for r in rows],
+                  "ttft p99 ms": _ms(r["ttft_p99_s"]), "itl p50 ms": _ms(r["itl_p50_s"]),
+                  "added p50 ms": _ms(r["router_added_p50_s"]), "added p99 ms": _ms(r["router_added_p99_s"]),
+                  "control p99 ms": _ms(r["probe_control_p99_s"])} for r in rows],
                 ["router", "req_s", "output_tok_s", "ttft p50 ms", "ttft p99 ms", "itl p50 ms", "hit %",
-                 "busiest_over_mean", "failed"], title=setup)
+                 "busiest_over_mean", "failed", "added p50 ms", "added p99 ms", "control p99 ms"], title=setup)
     for r in rows:
         print(f"  {r['router']}: per-worker requests {r['per_worker_requests']}, "
               f"prompt tokens {r['per_worker_prompt_tokens']}")
@@ -514,6 +785,10 @@ def _run(args: argparse.Namespace) -> int:
     plot(out / "fleet.png", rows, setup)
     print(f"wrote {out / 'fleet.json'}, {out / 'fleet.csv'}, {out / 'fleet.png'}")
     return 1 if failed_routers else 0
+
+
+def _pct(share: float | None) -> str:
+    return "?" if share is None else f"{100 * share:.0f}%"
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -6,6 +6,9 @@ be told to misbehave through POST /control {"mode": ...}:
 
   ok          normal answers
   fail        500 on generation requests
+  fail_on_boom  500 on generation requests whose prompt contains BOOM (a bad input), others answered
+  unavailable 503 without Retry-After (as a draining worker or a dead engine answers)
+  busy        503 with Retry-After: 2 and code queue_full (as a worker at --max-waiting-requests)
   hang        accept generation requests and never answer
   unhealthy   /health answers 503 (generation still works)
   die_mid_stream  streams send their first chunk, then the connection is cut
@@ -133,7 +136,9 @@ class StandinWorker:
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> "StandinWorker":
-        self.runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=0.5)
+        # handler_cancellation: as the real worker, a client that leaves cancels its request (`running` drops)
+        self.runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=0.5,
+                                    handler_cancellation=True)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port)
         await site.start()
@@ -214,8 +219,14 @@ class StandinWorker:
         temperature = body.get("temperature", 1.0)
         if isinstance(temperature, (int, float)) and temperature < 0:
             return _error(400, "temperature must be >= 0", "temperature")
-        if self.mode == "fail":
+        if self.mode == "fail" or (self.mode == "fail_on_boom" and "BOOM" in text):
             return _error(500, "simulated worker failure")
+        if self.mode == "unavailable":
+            return _error(503, "stand-in unavailable")
+        if self.mode == "busy":
+            response = _error(503, "stand-in queue full")
+            response.headers["Retry-After"] = "2"
+            return response
         if self.mode == "hang":
             await self._stopping.wait()
             return _error(503, "stand-in stopping")

@@ -4,6 +4,12 @@ Client endpoints (behind --api-key when set): POST /v1/chat/completions, POST /v
 GET /v1/models. Open: GET /health (200 while a worker is routable and the router is not draining),
 GET /metrics. Admin (behind --admin-key; disabled without it): GET/POST/DELETE /workers.
 One middleware, `auth_middleware`, enforces both keys from the table `ACCESS`; handlers never check.
+
+Protection (issue 15): generation requests pass an `AdmissionGate` (bounded in flight, bounded queue,
+503 + Retry-After beyond); `make_runner` / `make_site` give the server its header timeout, handler
+cancellation (a client that leaves aborts its request on the worker) and a connection bound; the body
+must arrive within `body_timeout_s`; admin URLs pass `router.admin_url`. Every generation answer,
+the router's own errors included, is counted in `radixfleet_router_responses_total`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import aiohttp
 from aiohttp import web
 
 from router.access_log import router_access_log
+from router.admin_url import BadWorkerUrl, validate_worker_url
+from router.admission import AdmissionGate, Shed
 from router.config import RouterConfig
 from router.discovery import DnsDiscovery
 from router.health import CircuitBreaker, HealthMonitor
@@ -34,6 +42,7 @@ from router.tree import chunk_hashes
 from router.upstream import UpstreamPool
 from router.worker_pool import WorkerPool, normalize_url
 from worker.contracts import loads
+from worker.server.connection_guard import GuardedSite, connection_limit
 
 log = logging.getLogger("radixfleet.router")
 
@@ -50,7 +59,8 @@ class RouterState:
             chunk_chars=config.chunk_chars,
             chars_per_token=config.chars_per_token,
             default_kv_tokens=config.default_kv_tokens,
-            breaker_factory=lambda: CircuitBreaker(config.failure_threshold, config.breaker_cooldown_s),
+            breaker_factory=lambda: CircuitBreaker(config.failure_threshold, config.breaker_cooldown_s,
+                                                   readmit_after=config.health_readmit_after),
         )
         for url in config.worker_urls:
             self.pool.add(url, source="static")
@@ -65,6 +75,7 @@ class RouterState:
         )
         self.metrics = RouterMetrics()
         self.registry = make_registry(self)  # read at scrape time only
+        self.gate = AdmissionGate(config.max_active_requests, config.max_queued_requests, config.queue_timeout_s)
         self.draining = False
         self.active_requests = 0
         self.session: aiohttp.ClientSession | None = None
@@ -82,7 +93,8 @@ class RouterState:
         self.upstream = UpstreamPool(self.config.connect_timeout_s, self.config.read_timeout_s)
         self.proxy = Proxy(self, self.session, self.upstream)
         self.monitor = HealthMonitor(self.pool, self.session, self.config.health_interval_s,
-                                     self.config.health_timeout_s)
+                                     self.config.health_timeout_s, down_after=self.config.health_down_after,
+                                     on_down=self._worker_marked_down)
         await self.monitor.check_all()  # know who is up before the first request
         self.monitor.start()
         if self.config.worker_dns:
@@ -91,6 +103,13 @@ class RouterState:
             await self.discovery.refresh()
             self.discovery.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._expire_sessions()))
+
+    def _worker_marked_down(self, worker) -> None:
+        """A hung worker: give up its unfinished answers so the proxy retries the unstarted ones elsewhere."""
+        if self.upstream is not None:
+            cut = self.upstream.abort_worker(worker.url, f"worker {worker.worker_id} stopped answering")
+            if cut:
+                log.warning("worker %s marked down: %d unfinished requests moved or ended", worker.worker_id, cut)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -183,29 +202,57 @@ def _generation_handler(path: str, kind: str, endpoint: str):
     async def handler(request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         state: RouterState = request.app[STATE_KEY]
-        if state.draining:
-            return json_error(503, "the router is shutting down; retry on another replica", "server_error",
-                              code="draining")
-        config = state.config
+        response = None
         try:
-            check_passthrough_headers(request.headers)
-            raw = await read_body(request, config.max_body_bytes)
-            parsed = parse_request(raw, kind, request.headers.get(config.session_header))
-        except BadRequest as exc:
-            state.metrics.errors["too_large" if exc.status == 413 else "bad_request"] += 1
-            state.metrics.responses[f"{exc.status // 100}xx"] += 1
-            return json_error(exc.status, exc.message, param=exc.param, code=exc.code)
-        text = parsed.routing_text
-        hashes = chunk_hashes(text, config.chunk_chars) if state.policy.uses_tree else []
-        route = RouteRequest(hashes, len(text), parsed.session_key, config.chars_per_token)
-        state.active_requests += 1
-        try:
-            return await state.proxy.forward(request, path, raw, route, parsed.stream, endpoint, started)
+            response = await _generate(state, request, path, kind, endpoint, started)
+            return response
+        except asyncio.CancelledError:  # the client went away (handler cancellation)
+            state.metrics.errors["client_disconnect"] += 1
+            raise
         finally:
-            state.active_requests -= 1
+            if response is not None:
+                state.metrics.responses[f"{response.status // 100}xx"] += 1
             state.metrics.duration[endpoint].observe(time.monotonic() - started)
 
     return handler
+
+
+def _shed(message: str, retry_after_s: int, code: str) -> web.Response:
+    response = json_error(503, message, "server_error", code=code)
+    response.headers["Retry-After"] = str(retry_after_s)
+    return response
+
+
+async def _generate(state: RouterState, request: web.Request, path: str, kind: str, endpoint: str,
+                    started: float) -> web.StreamResponse:
+    if state.draining:
+        return _shed("the router is shutting down; retry on another replica", 1, "draining")
+    config = state.config
+    try:
+        check_passthrough_headers(request.headers)
+        try:
+            raw = await asyncio.wait_for(read_body(request, config.max_body_bytes), config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise BadRequest(f"the request body did not arrive within {config.body_timeout_s:g} s",
+                             status=408, code="request_timeout") from None
+        parsed = parse_request(raw, kind, request.headers.get(config.session_header))
+    except BadRequest as exc:
+        state.metrics.errors["too_large" if exc.status == 413 else "bad_request"] += 1
+        return json_error(exc.status, exc.message, param=exc.param, code=exc.code)
+    text = parsed.routing_text
+    hashes = chunk_hashes(text, config.chunk_chars) if state.policy.uses_tree else []
+    route = RouteRequest(hashes, len(text), parsed.session_key, config.chars_per_token)
+    try:
+        await state.gate.acquire()
+    except Shed as shed:
+        state.metrics.errors["shed"] += 1
+        return _shed(f"{shed.reason}; retry in {shed.retry_after_s} s", shed.retry_after_s, "router_overloaded")
+    state.active_requests += 1
+    try:
+        return await state.proxy.forward(request, path, raw, route, parsed.stream, endpoint, started)
+    finally:
+        state.active_requests -= 1
+        state.gate.release()
 
 
 async def models_handler(request: web.Request) -> web.Response:
@@ -243,8 +290,8 @@ async def _admin_url(request: web.Request) -> str:
     if not isinstance(url, str):
         raise BadRequest("missing 'url': send {\"url\": \"http://host:port\"}", param="url")
     try:
-        return normalize_url(url)
-    except ValueError as exc:
+        return normalize_url(validate_worker_url(url))
+    except (BadWorkerUrl, ValueError) as exc:
         raise BadRequest(str(exc), param="url") from None
 
 
@@ -318,13 +365,35 @@ def build_app(config: RouterConfig) -> web.Application:
     return app
 
 
+# A client connection uses one descriptor, and one more toward a worker while its request is proxied.
+_FDS_PER_CLIENT = 2
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The server settings the router runs with (tests use them too).
+
+    handler_cancellation: a client that disconnects cancels its handler, and the proxy's cleanup closes
+    the worker connection, so the worker aborts at once, streamed or not. keepalive_timeout: aiohttp's
+    timer from a connection's opening (or its last answer) to a complete request head: the header timeout.
+    """
+    config: RouterConfig = app[STATE_KEY].config
+    return web.AppRunner(app, access_log=None, shutdown_timeout=config.drain_timeout_s,
+                         handler_cancellation=True, keepalive_timeout=config.header_timeout_s)
+
+
+def make_site(runner: web.AppRunner, config: RouterConfig, port: int | None = None) -> GuardedSite:
+    """A listening site with the connection bound (`max_connections`, or what the fd limit allows)."""
+    return GuardedSite(runner, config.host, config.port if port is None else port,
+                       max_connections=connection_limit(config.max_connections, _FDS_PER_CLIENT))
+
+
 async def serve(config: RouterConfig, ready: asyncio.Event | None = None) -> None:
     """Run the router until SIGTERM/SIGINT, then drain: stop accepting, finish in-flight, exit."""
     app = build_app(config)
     state: RouterState = app[STATE_KEY]
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.drain_timeout_s)
+    runner = make_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
+    site = make_site(runner, config)
     try:
         await site.start()
     except OSError as exc:  # taken since `radixfleet router` checked it
@@ -362,3 +431,8 @@ async def drain(state: RouterState, site: web.BaseSite | None, timeout_s: float)
         await asyncio.sleep(0.05)
     if state.active_requests:
         log.warning("drain timeout: %d requests still in flight are cut", state.active_requests)
+        if state.upstream is not None:  # streams end with an error event and [DONE], the rest with 503
+            state.upstream.abort_all("the router is shutting down")
+        deadline = time.monotonic() + 2.0
+        while state.active_requests > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)

@@ -55,6 +55,14 @@ _HELP = {
     "worker_dns": "discover workers: every address HOST resolves to, on PORT (re-resolved periodically)",
     "dns_interval_s": "seconds between DNS lookups",
     "worker_scheme": "scheme of the worker URLs made from --worker-dns",
+    "health_down_after": "/health timeouts in a row that mark a worker down and move its unstarted requests",
+    "health_readmit_after": "good polls in a row before a worker marked down for silence is routed to again",
+    "max_active_requests": "requests proxied at once; more wait in the router's queue",
+    "max_queued_requests": "requests waiting for a slot at most (beyond: 503 + Retry-After)",
+    "queue_timeout_s": "seconds a request may wait for a slot (then 503 + Retry-After)",
+    "header_timeout_s": "seconds a client connection may take to send a complete request head (and idle keep-alive)",
+    "body_timeout_s": "seconds a request body may take to arrive (HTTP 408 past it)",
+    "max_connections": "open client connections at most (beyond: 503 and close); 0: what the open-file limit allows",
 }
 _GROUP = {
     "cache_aware": ("cache_threshold", "balance_abs_threshold", "balance_rel_threshold", "request_cost_tokens",
@@ -64,6 +72,8 @@ _GROUP = {
     "health": ("health_interval_s", "health_timeout_s", "failure_threshold", "breaker_cooldown_s"),
     "security": ("api_key", "admin_key", "worker_api_key"),
     "discovery": ("worker_dns", "dns_interval_s", "worker_scheme"),
+    "protection": ("health_down_after", "health_readmit_after", "max_active_requests", "max_queued_requests",
+                   "queue_timeout_s", "header_timeout_s", "body_timeout_s", "max_connections"),
 }
 _CHOICES = {"policy": POLICY_NAMES, "worker_scheme": ("http", "https"), "access_log": ("off", "text", "json")}
 _METAVAR = {"worker_urls": "URL", "worker_dns": "HOST:PORT", "api_key": "KEY", "admin_key": "KEY",
@@ -95,7 +105,7 @@ FOREIGN_FLAGS = {
     "--decode": "prefill/decode disaggregation is not supported: list the workers in --worker-urls",
     "--dp-aware": "each worker is one data-parallel replica: list each in --worker-urls",
     "--log-dir": "logs go to stderr; redirect them, or use --log-level",
-    "--max-concurrent-requests": "not supported here: each worker answers 503 past its --max-waiting-requests",
+    "--max-concurrent-requests": "use --max-active-requests (and --max-queued-requests, --queue-timeout)",
     "--tensor-parallel-size": "a worker option elsewhere, and not supported by radixfleet workers",
 }
 

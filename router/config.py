@@ -64,6 +64,22 @@ class RouterConfig:
     inter_chunk_timeout_s: float = 60.0
     # sent to the workers as "Authorization: Bearer KEY" (workers started with --api-key)
     worker_api_key: str | None = None
+    # hung workers: a worker whose /health times out is taken out of rotation at once; after this many
+    # timeouts in a row it is marked down and its unfinished requests are retried elsewhere. A worker
+    # marked down that way is routable again only after `health_readmit_after` good polls in a row.
+    health_down_after: int = 2
+    health_readmit_after: int = 2
+    # overload: at most `max_active_requests` proxied at once; the next `max_queued_requests` wait up to
+    # `queue_timeout_s` for a slot; beyond either the router answers 503 with Retry-After.
+    max_active_requests: int = 4096
+    max_queued_requests: int = 4096
+    queue_timeout_s: float = 30.0
+    # slow clients: a connection must send a complete request head within `header_timeout_s` of opening
+    # (or of its previous answer, when kept alive), and its body within `body_timeout_s`.
+    header_timeout_s: float = 15.0
+    body_timeout_s: float = 60.0
+    # open client connections at most (beyond: 503 and close); 0 derives it from the open-file limit
+    max_connections: int = 0
     # observability: one line per request on stderr, "json", "text" or "off" (router/access_log.py)
     access_log: str = "off"
 
@@ -92,4 +108,16 @@ class RouterConfig:
             raise ValueError("first_byte_timeout_s and inter_chunk_timeout_s must be > 0 (seconds)")
         if not self.session_header:
             raise ValueError("--session-header must not be empty")
+        self.validate_protection()
+
+    def validate_protection(self) -> None:
+        """The overload and slow-client settings (the block at the end of the fields)."""
+        if self.max_active_requests < 1 or self.max_queued_requests < 0:
+            raise ValueError("--max-active-requests must be >= 1 and --max-queued-requests >= 0")
+        if self.queue_timeout_s <= 0 or self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ValueError("--queue-timeout, --header-timeout and --body-timeout must be > 0 (seconds)")
+        if self.max_connections < 0:
+            raise ValueError("--max-connections must be >= 0 (0: derived from the open-file limit)")
+        if self.health_down_after < 1 or self.health_readmit_after < 1:
+            raise ValueError("--health-down-after and --health-readmit-after must be >= 1 (polls)")
         check_access_log_mode(self.access_log)

@@ -1,9 +1,24 @@
 """Forward one request to a worker chosen by the policy; stream the answer back byte for byte.
 
-Retry rule: an attempt that fails before the client has received any byte (connection refused,
-timeout, 5xx, a stream that ends before its first chunk) is retried on another worker, at most
-`max_retries` times. Once a byte has gone to the client, a failure ends the stream with a clean SSE
-error event instead. The worker's load count drops when its response ends, however it ends.
+Retry rule: an attempt that fails before the client has received any byte is retried on another
+worker, at most `max_retries` times, when the failure says something about the worker rather than the
+request. What each failure means (`_AttemptFailed`):
+
+  connection refused, first-byte timeout     the worker is down or hung: a hard breaker failure, retried
+  cut connection, bad HTTP, 502/503/504      the worker is unwell: a breaker failure, retried
+  429/503 with Retry-After (queue full)      the worker is busy, not broken: no breaker failure, retried
+                                             on one other worker at most, then relayed with Retry-After
+  500                                        this request made the worker fail: relayed, not retried,
+                                             no breaker failure (one bad prompt must not close a worker)
+  4xx                                        the client's mistake: relayed as it is
+  the worker marked down (hung), mid-wait    retried elsewhere; the health monitor already counted it
+
+Once a byte has gone to the client, a failure ends the stream with a clean SSE error event and
+`[DONE]`, including a stream cut by the router shutting down. Whatever happens, `release_attempt`
+gives back the load the attempt added (in flight, outstanding prompt tokens).
+
+A client that goes away aborts its request on the worker at once: the router runs with aiohttp's
+handler cancellation, and every path here closes the worker connection when it is cancelled.
 
 Every attempt is one policy decision: the proxy tells the policy where the request went
 (`policy.dispatched`), and the policy updates what it keeps about that worker.
@@ -22,7 +37,14 @@ from aiohttp import web
 
 from router.policies import Decision, NoWorkerAvailable, RouteRequest
 from router.responses import json_error
-from router.upstream import UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamResponse
+from router.upstream import (
+    UpstreamAborted,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamFirstByteTimeout,
+    UpstreamPool,
+    UpstreamResponse,
+)
 from router.usage import prompt_tokens_in
 from worker.contracts import SSE_DONE, error_json, sse_error_event
 
@@ -33,16 +55,59 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("radixfleet.router.proxy")
 
 WORKER_HEADER = "X-Radixfleet-Worker"
+# worker headers an error answer keeps on its way out (upstream names are lower-case; these go out as written)
+_RELAYED_HEADERS = {"retry-after": "Retry-After", "x-request-id": "X-Request-ID"}
+NO_WORKER_RETRY_AFTER_S = 1  # what a client is told to wait when no worker is routable
+
+
+@dataclass(slots=True)
+class _Relay:
+    """A worker's own error answer, kept to pass on if no other worker does better."""
+
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str]
 
 
 class _AttemptFailed(Exception):
-    """This worker failed before the first byte reached the client; try another."""
+    """This worker failed before the first byte reached the client.
 
-    def __init__(self, reason: str, hard: bool = False, response: tuple[int, bytes, str] | None = None):
+    counts: a failure of the worker (its breaker hears of it); retry: another worker may serve it;
+    shed: the worker refused for overload (retried on one other worker at most);
+    response: the worker's answer, relayed if no retry is left."""
+
+    def __init__(self, reason: str, *, hard: bool = False, counts: bool = True, retry: bool = True,
+                 shed: bool = False, response: _Relay | None = None):
         super().__init__(reason)
         self.reason = reason
         self.hard = hard
-        self.response = response  # the worker's own error answer, used if no retry is left
+        self.counts = counts
+        self.retry = retry
+        self.shed = shed
+        self.response = response
+
+
+def _failure_of(exc: UpstreamError, when: str = "") -> _AttemptFailed:
+    """What an upstream error before the first byte means for the worker and for a retry."""
+    reason = f"{exc} {when}".strip()
+    if isinstance(exc, UpstreamAborted):  # marked down (health monitor counted it) or the router stops
+        return _AttemptFailed(reason, counts=False, retry=exc.retryable)
+    if isinstance(exc, (UpstreamConnectError, UpstreamFirstByteTimeout)):
+        return _AttemptFailed(reason, hard=True)  # down, or accepted and silent: hung
+    return _AttemptFailed(reason)
+
+
+def _error_answer_failure(relay: _Relay) -> _AttemptFailed | None:
+    """How a worker's 4xx/5xx answer is handled: None to relay it at once, else the failure to record."""
+    status = relay.status
+    if status in (429, 503) and "Retry-After" in relay.headers:
+        return _AttemptFailed(f"worker overloaded (status {status})", counts=False, shed=True, response=relay)
+    if status == 500:  # the worker's handler raised on this input: another worker would too
+        return _AttemptFailed("status 500", counts=False, retry=False, response=relay)
+    if status >= 500:  # 502/503/504 without Retry-After: draining, engine dead
+        return _AttemptFailed(f"status {status}", response=relay)
+    return None
 
 
 @dataclass(slots=True)
@@ -52,7 +117,16 @@ class _Timing:
     pending: "PendingPrefill"  # the prompt tokens the worker must prefill (its outstanding_tokens share)
     endpoint: str
     started: float
-    text_chars: int  # routing characters, set against the worker's usage.prompt_tokens
+    first_byte: bool = False  # on_first_byte ran: the outstanding share is given back already
+    text_chars: int = 0  # routing characters, set against the worker's usage.prompt_tokens
+
+
+def release_attempt(worker: "WorkerState", timing: _Timing) -> None:
+    """Give back what dispatching one attempt added to the worker's load, however the attempt ended.
+
+    The one place that undoes `worker.on_dispatch`: a placement change to the load signals changes this
+    function and `Proxy._first_byte`, nothing else in the proxy."""
+    worker.on_finish(timing.pending)  # also gives back a prefill share not released yet
 
 
 class Proxy:
@@ -61,9 +135,10 @@ class Proxy:
         self.session = session  # for the rare GETs (/v1/models)
         self.upstream = upstream  # the hot path
         cfg = state.config
-        self.timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s,
-                                             sock_connect=cfg.connect_timeout_s,
-                                             sock_read=cfg.read_timeout_s)
+        # /v1/models is answered at once by a healthy worker: no generation-length read timeout
+        get_timeout = max(cfg.health_timeout_s, 5.0)
+        self.timeout = aiohttp.ClientTimeout(total=cfg.connect_timeout_s + get_timeout,
+                                             sock_connect=cfg.connect_timeout_s, sock_read=get_timeout)
 
     def _upstream_headers(self, request: web.Request) -> str:
         """Request headers worth passing on (tracing ids), as raw header lines, and the workers' key."""
@@ -85,7 +160,9 @@ class Proxy:
         headers = self._upstream_headers(request)
         tried: list["WorkerState"] = []
         last_failure: _AttemptFailed | None = None
-        for attempt in range(state.config.max_retries + 1):
+        retries_left = state.config.max_retries
+        shed_retries_left = 1  # an overloaded fleet is not made busier by asking every worker in turn
+        while True:
             workers = state.pool.routable(time.monotonic(), tried)
             if not workers:
                 break
@@ -95,32 +172,46 @@ class Proxy:
                 break
             worker = decision.worker
             self._record_decision(decision, route, endpoint)
-            if attempt:
+            if tried:
                 metrics.retries += 1
             pending = worker.on_dispatch(worker.uncached_tokens(route.text_chars, decision.match_chars),
                                          stream, route.text_chars)
+            timing = _Timing(pending, endpoint, started, text_chars=route.text_chars)
             try:
-                return await self._attempt(request, worker, path, raw, headers, stream,
-                                           _Timing(pending, endpoint, started, route.text_chars))
+                return await self._attempt(request, worker, path, raw, headers, stream, timing)
             except _AttemptFailed as failure:
                 last_failure = failure
                 tried.append(worker)
-                worker.breaker.record_failure(time.monotonic(), hard=failure.hard)
+                if failure.counts:
+                    worker.breaker.record_failure(time.monotonic(), hard=failure.hard)
+                retry = failure.retry and retries_left > 0 and (not failure.shed or shed_retries_left > 0)
                 log.warning("worker %s failed before first byte (%s); %s", worker.worker_id, failure.reason,
-                            "retrying" if attempt < state.config.max_retries else "no retries left")
+                            "retrying" if retry else "not retried")
+                if not retry:
+                    break
+                retries_left -= 1
+                shed_retries_left -= failure.shed
             finally:
-                worker.on_finish(pending)
-        if last_failure is not None and last_failure.response is not None:
-            status, body, content_type = last_failure.response
-            metrics.errors["upstream"] += 1
-            return web.Response(status=status, body=body, content_type=content_type)
-        if last_failure is not None:
-            metrics.errors["upstream"] += 1
-            return json_error(502, f"the worker failed and no other worker could serve the request "
-                                   f"({last_failure.reason})", "server_error", code="worker_failed")
-        metrics.errors["no_worker"] += 1
-        return json_error(503, "no healthy worker is available; retry shortly", "server_error",
-                          code="no_healthy_worker")
+                release_attempt(worker, timing)
+        return self._final_answer(last_failure)
+
+    def _final_answer(self, failure: _AttemptFailed | None) -> web.Response:
+        """The answer when no attempt succeeded: the last worker's own, or the router's."""
+        metrics = self.state.metrics
+        if failure is None:
+            metrics.errors["no_worker"] += 1
+            response = json_error(503, "no healthy worker is available; retry shortly", "server_error",
+                                  code="no_healthy_worker")
+            response.headers["Retry-After"] = str(NO_WORKER_RETRY_AFTER_S)
+            return response
+        metrics.errors["shed" if failure.shed else "upstream"] += 1
+        if failure.response is not None:
+            return self._relayed(failure.response, None)
+        if not failure.retry and not failure.counts:  # aborted by the router's shutdown
+            return json_error(503, "the router is shutting down; retry on another replica", "server_error",
+                              code="draining")
+        return json_error(502, f"the worker failed and no other worker could serve the request "
+                               f"({failure.reason})", "server_error", code="worker_failed")
 
     def _record_decision(self, decision: Decision, route: RouteRequest, endpoint: str) -> None:
         state = self.state
@@ -135,14 +226,9 @@ class Proxy:
     def _first_byte(self, worker: "WorkerState", timing: "_Timing") -> None:
         """The worker answered: its prompt is prefilled, it is healthy, and the client's wait is known."""
         worker.on_first_byte(timing.pending)
+        timing.first_byte = True
         worker.breaker.record_success()
         self.state.metrics.first_byte[timing.endpoint].observe(time.monotonic() - timing.started)
-
-    @staticmethod
-    def _usage(worker: "WorkerState", timing: "_Timing", data: bytes) -> None:
-        tokens = prompt_tokens_in(data)
-        if tokens:
-            worker.on_prompt_tokens(timing.text_chars, tokens)
 
     async def _attempt(self, request: web.Request, worker: "WorkerState", path: str, raw: bytes,
                        headers: str, stream: bool, timing: "_Timing") -> web.StreamResponse:
@@ -152,35 +238,57 @@ class Proxy:
                 worker.url, path, raw, headers,
                 first_byte_timeout_s=cfg.first_byte_timeout_s if stream else cfg.read_timeout_s,
                 idle_timeout_s=cfg.inter_chunk_timeout_s if stream else cfg.read_timeout_s)
-        except UpstreamConnectError as exc:
-            raise _AttemptFailed(str(exc), hard=True) from None
         except UpstreamError as exc:
-            raise _AttemptFailed(str(exc)) from None
+            raise _failure_of(exc) from None
         try:
             status = upstream.status
             content_type = upstream.headers.get("content-type", "application/json")
-            if status >= 500:
-                try:
-                    body = await upstream.read()
-                except UpstreamError:
-                    body = error_json(f"worker answered {status}", "server_error")
-                raise _AttemptFailed(f"status {status}", response=(status, body, content_type.split(";")[0]))
+            if status >= 400:
+                relay = await self._read_error_answer(upstream, content_type)
+                failure = _error_answer_failure(relay)
+                if failure is not None:
+                    raise failure
+                self._first_byte(worker, timing)  # a 4xx: the worker is fine, the request is not
+                return self._relayed(relay, worker)
             if not stream or status != 200:
                 try:
                     body = await upstream.read()
                 except UpstreamError as exc:
-                    raise _AttemptFailed(f"{exc} while reading the answer") from None
+                    raise _failure_of(exc, "while reading the answer") from None
                 self._first_byte(worker, timing)
                 self._usage(worker, timing, body)
-                self.state.metrics.responses[f"{status // 100}xx"] += 1
                 response = web.Response(status=status, body=body)
                 response.headers["Content-Type"] = content_type
                 response.headers[WORKER_HEADER] = worker.worker_id
                 return response
             return await self._pipe_stream(request, worker, upstream, content_type, timing)
         finally:
-            if not upstream.done:
+            if not upstream.done:  # failed, cancelled (client left) or abandoned: the worker must stop
                 upstream.close()
+
+    @staticmethod
+    def _usage(worker: "WorkerState", timing: "_Timing", data: bytes) -> None:
+        tokens = prompt_tokens_in(data)
+        if tokens:
+            worker.on_prompt_tokens(timing.text_chars, tokens)
+
+    @staticmethod
+    async def _read_error_answer(upstream: UpstreamResponse, content_type: str) -> _Relay:
+        try:
+            body = await upstream.read()
+        except UpstreamError:
+            body, content_type = error_json(f"worker answered {upstream.status}", "server_error"), "application/json"
+        kept = {out: upstream.headers[name] for name, out in _RELAYED_HEADERS.items() if name in upstream.headers}
+        return _Relay(upstream.status, body, content_type.split(";")[0], kept)
+
+    @staticmethod
+    def _relayed(relay: _Relay, worker: "WorkerState | None") -> web.Response:
+        response = web.Response(status=relay.status, body=relay.body, content_type=relay.content_type)
+        for name, value in relay.headers.items():
+            response.headers[name] = value
+        if worker is not None:
+            response.headers[WORKER_HEADER] = worker.worker_id
+        return response
 
     async def _pipe_stream(self, request: web.Request, worker: "WorkerState", upstream: UpstreamResponse,
                            content_type: str, timing: "_Timing") -> web.StreamResponse:
@@ -188,7 +296,7 @@ class Proxy:
         try:
             first = await upstream.read_chunk()
         except UpstreamError as exc:
-            raise _AttemptFailed(f"{exc} before the first chunk") from None
+            raise _failure_of(exc, "before the first chunk") from None
         if not first:
             raise _AttemptFailed("stream ended before its first chunk")
         self._first_byte(worker, timing)
@@ -197,7 +305,6 @@ class Proxy:
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
         response.headers[WORKER_HEADER] = worker.worker_id
-        self.state.metrics.responses["2xx"] += 1
         try:
             await response.prepare(request)
             await response.write(first)
@@ -208,12 +315,8 @@ class Proxy:
             try:
                 chunk = await upstream.read_chunk()
             except UpstreamError as exc:
-                # The worker failed mid-stream: the client already has bytes, so end with a clean error event.
-                self.state.metrics.errors["mid_stream"] += 1
-                worker.breaker.record_failure(time.monotonic())
-                log.warning("worker %s failed mid-stream: %s", worker.worker_id, exc)
-                chunk = (sse_error_event("the worker serving this stream failed; retry the request",
-                                         code="worker_failed") + SSE_DONE)
+                # The stream broke after bytes went out: end it with a clean error event and [DONE].
+                chunk = self._mid_stream_failure(worker, exc)
                 try:
                     await response.write(chunk)
                 except (ConnectionError, aiohttp.ClientError):
@@ -234,6 +337,17 @@ class Proxy:
         except (ConnectionError, aiohttp.ClientError):
             pass
         return response
+
+    def _mid_stream_failure(self, worker: "WorkerState", exc: UpstreamError) -> bytes:
+        """Count a stream that broke after its first byte; the events that end it for the client."""
+        self.state.metrics.errors["mid_stream"] += 1
+        log.warning("worker %s failed mid-stream: %s", worker.worker_id, exc)
+        if isinstance(exc, UpstreamAborted) and not exc.retryable:
+            return sse_error_event("the router is shutting down; retry the request", code="router_shutdown") + SSE_DONE
+        if not isinstance(exc, UpstreamAborted):  # a worker marked down was counted by the health monitor
+            worker.breaker.record_failure(time.monotonic())
+        return sse_error_event("the worker serving this stream failed; retry the request",
+                               code="worker_failed") + SSE_DONE
 
     async def forward_get(self, path: str) -> web.Response:
         """GET passthrough (e.g. /v1/models) to any routable worker, retrying on failure."""

@@ -19,6 +19,7 @@ Errors, all `UpstreamError` (the proxy handles that one type):
   UpstreamConnectError     could not connect: the worker is down
   UpstreamTimeout          silent too long; `UpstreamFirstByteTimeout` when no head came at all
   UpstreamProtocolError    the worker answered something that is not valid HTTP/1.1
+  UpstreamAborted          the router gave the answer up: the worker was marked down, or the router stops
 A request on a reused keep-alive connection that the worker had already closed is retried once on a
 fresh connection, as every HTTP client does.
 """
@@ -56,6 +57,17 @@ class UpstreamFirstByteTimeout(UpstreamTimeout):
 
 class UpstreamProtocolError(UpstreamError):
     """The worker's answer breaks HTTP/1.1 framing; the connection is dropped."""
+
+
+class UpstreamAborted(UpstreamError):
+    """The router abandoned this answer (`UpstreamPool.abort_worker` / `abort_all`).
+
+    retryable: whether a request that had no first byte yet may go to another worker (a hung worker:
+    yes; the router shutting down: no)."""
+
+    def __init__(self, reason: str, retryable: bool) -> None:
+        super().__init__(reason)
+        self.retryable = retryable
 
 
 class _Connection(asyncio.Protocol):
@@ -207,10 +219,10 @@ class UpstreamResponse:
     """A worker's answer: `status`, `headers` (lower-case names), body via `read_chunk()` / `read()`."""
 
     __slots__ = ("status", "headers", "done", "_chunks", "queued_bytes", "_waiter", "_error",
-                 "_conn", "_loop", "_first_byte_s", "_idle_s", "_head", "_pool")
+                 "_conn", "_loop", "_first_byte_s", "_idle_s", "_head", "_pool", "_live")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, first_byte_s: float, idle_s: float,
-                 pool: "UpstreamPool") -> None:
+                 pool: "UpstreamPool", live: "set[UpstreamResponse] | None" = None) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
         self.done = False
@@ -224,6 +236,14 @@ class UpstreamResponse:
         self._idle_s = idle_s  # between pieces of body
         self._head = False
         self._pool = pool
+        self._live = live  # the pool's set of unfinished answers from this worker (for abort_worker)
+        if live is not None:
+            live.add(self)
+
+    def _unlist(self) -> None:
+        if self._live is not None:
+            self._live.discard(self)
+            self._live = None
 
     # called by the connection
     def _wake(self) -> None:
@@ -242,6 +262,7 @@ class UpstreamResponse:
 
     def _finish(self) -> None:
         self.done = True
+        self._unlist()
         self._wake()
         conn = self._conn
         if conn is not None:
@@ -258,6 +279,7 @@ class UpstreamResponse:
             return
         self._error = exc
         self.done = True
+        self._unlist()
         self._wake()
         if self._conn is not None:
             self._conn.response = None
@@ -315,9 +337,13 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Abandon the answer (client left): drop the connection so the worker stops generating."""
+        self.abort(UpstreamError("abandoned"))
+
+    def abort(self, error: UpstreamError) -> None:
+        """Fail whoever waits on this answer with `error` and drop the connection (the worker aborts)."""
         if not self.done:
-            self._fail(UpstreamError("abandoned"))
             conn = self._conn
+            self._fail(error)
             if conn is not None:
                 self._pool._discard(conn)
 
@@ -364,6 +390,7 @@ class UpstreamPool:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._targets: dict[str, tuple[str, int, bool, str]] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._live: dict[str, set[UpstreamResponse]] = {}  # base url -> answers not finished yet
         self.connections_opened = 0  # a steadily growing count means keep-alive is not working
 
     def _target(self, base_url: str) -> tuple[str, int, bool, str]:
@@ -434,11 +461,16 @@ class UpstreamPool:
             if conn is None:
                 conn = await self._connect(host, port, tls)
                 conn.key = key
-            response = UpstreamResponse(loop, first_byte_s, idle_s, self)
+            response = UpstreamResponse(loop, first_byte_s, idle_s, self, self._live.setdefault(base_url, set()))
             conn.start(request, response)
             try:
                 await response.wait_head()
                 return response
+            except asyncio.CancelledError:  # the client left while we waited: the worker must stop too
+                response.close()
+                raise
+            except UpstreamAborted:
+                raise  # abort() dropped the connection already; never retried on the same worker
             except UpstreamTimeout:
                 self._discard(conn)
                 raise
@@ -448,6 +480,21 @@ class UpstreamPool:
                     continue  # a stale keep-alive connection: retry once on a fresh one
                 raise
         raise UpstreamError("the worker closed two connections in a row")  # pragma: no cover
+
+    def live(self, base_url: str) -> int:
+        """How many answers from this worker are unfinished (waiting for their head or streaming)."""
+        return len(self._live.get(base_url, ()))
+
+    def abort_worker(self, base_url: str, reason: str, retryable: bool = True) -> int:
+        """Give up every unfinished answer from one worker (it was marked down). Returns how many."""
+        answers = list(self._live.get(base_url, ()))
+        for answer in answers:
+            answer.abort(UpstreamAborted(reason, retryable))
+        return len(answers)
+
+    def abort_all(self, reason: str) -> int:
+        """Give up every unfinished answer (the router stops); none of them is retried."""
+        return sum(self.abort_worker(url, reason, retryable=False) for url in list(self._live))
 
     def forget(self, base_url: str) -> None:
         """Close the idle connections to a worker that left the pool."""

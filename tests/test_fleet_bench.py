@@ -173,3 +173,74 @@ def test_the_peer_shim_streams_events_through_and_drops_fields_the_worker_names(
         assert shims.dropped == {"messages"}
     finally:
         shims.close()
+
+
+def test_eight_sim_workers_in_one_process_behind_two_routers_write_the_rows(tmp_path, capsys):
+    from sim_helpers import write_profile
+
+    profile = write_profile(tmp_path, const_s=0.002, per_token_s=2e-6)
+    out = tmp_path / "fleet"
+    args = parse("--executor", "sim", "--sim-host", "one-process", "--workers", "8", "--model", "llama3-8b",
+                 f"--worker-arg=--sim-profile={profile}", "--kv-cache-tokens", "4096", "--time-scale", "2",
+                 "--routers", "cache_aware,round_robin", "--workload", "docqa", "--documents", "4",
+                 "--doc-chars", "600", "--users", "4", "--duration", "4", "--max-tokens", "4",
+                 "--probe-interval-s", "0.2", "--progress-s", "60", "--out", str(out))
+    assert fleet_bench.run(args) == 0
+    rows = json.loads((out / "fleet.json").read_text())["rows"]
+    assert [r["router"] for r in rows] == ["cache_aware", "round_robin"]
+    for row in rows:
+        for key in ("router", "req_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "hit_rate", "busiest_over_mean",
+                    "failed", "router_added_p50_s", "router_added_p99_s", "router_added_mean_s", "time_scale"):
+            assert row[key] is not None, key
+        assert row["failed"] == 0 and row["requests"] > 0 and row["time_scale"] == 2
+        assert len(row["per_worker_requests"]) == 8 and sum(row["per_worker_requests"]) > 0
+        assert 0 < row["hit_rate"] < 1  # shared documents hit the sim workers' radix caches
+        assert row["router_added_probes"] > 0 and row["probe_errors"] == 0
+        assert isinstance(row["sim_host_busy_pct"], list)
+    printed = capsys.readouterr().out
+    assert "8 sim workers ready in one process" in printed and "time scale 2" in printed
+    # one sim-fleet process per router setting: each its own log and URLs file
+    assert sorted(p.name for p in (out / "logs").glob("*_sim_fleet.log")) == [
+        "cache_aware_sim_fleet.log", "round_robin_sim_fleet.log"]
+
+
+def test_a_time_scale_converts_rates_up_and_latencies_down():
+    samples = {"elapsed_s": 10.0, "samples": [["e2e", 4.0, True, 8], ["e2e", 6.0, True, 8], ["ttft", 2.0, True, 0],
+                                              ["itl", 0.5, True, 0]]}
+    counts = [{"cache_hit_tokens": 0, "cache_query_tokens": 0, "requests": 0}]
+    after = [{"cache_hit_tokens": 5, "cache_query_tokens": 10, "requests": 2}]
+    plain = fleet_bench.summarize("r", samples, counts, after, [])
+    scaled = fleet_bench.summarize("r", samples, counts, after, [], time_scale=4.0)
+    assert scaled["req_s"] == pytest.approx(4 * plain["req_s"]) and plain["req_s"] == pytest.approx(0.2)
+    assert scaled["output_tok_s"] == pytest.approx(4 * plain["output_tok_s"])
+    assert scaled["ttft_p50_s"] == pytest.approx(0.5) and scaled["itl_p50_s"] == pytest.approx(0.125)
+    assert scaled["hit_rate"] == plain["hit_rate"] == 0.5  # counts do not depend on the clock
+    assert (plain["time_scale"], scaled["time_scale"]) == (1.0, 4.0)
+
+
+def test_the_sim_host_is_one_process_past_eight_workers_and_a_time_scale_needs_it(capsys, tmp_path):
+    assert not fleet_bench.one_process_sim(parse("--executor", "sim", "--workers", "8"))
+    assert fleet_bench.one_process_sim(parse("--executor", "sim", "--workers", "9"))
+    assert not fleet_bench.one_process_sim(parse("--executor", "sim", "--workers", "64", "--sim-host", "per-worker"))
+    assert not fleet_bench.one_process_sim(parse("--executor", "cpu", "--workers", "64"))
+    argv = fleet_bench.sim_fleet_argv(parse("--executor", "sim", "--workers", "128", "--model", "llama3-8b",
+                                            "--time-scale", "8", "--kv-cache-tokens", "6000",
+                                            "--worker-arg=--sim-profile=p.json"), tmp_path / "urls")
+    assert argv[3:5] == ["sim-fleet", "--workers"] and argv[argv.index("--workers") + 1] == "128"
+    assert argv[argv.index("--time-scale") + 1] == "8" and argv[argv.index("--kv-cache-tokens") + 1] == "6000"
+    assert argv[-1] == "--sim-profile=p.json"
+    code, text = run_and_capture(capsys, "--executor", "cpu", "--time-scale", "4", "--out", str(tmp_path))
+    assert code == 2 and "--time-scale 4 needs sim workers in one process" in text
+
+
+def test_router_added_latency_comes_from_probe_pairs_and_histogram_means():
+    probe = fleet_bench.LatencyProbe("http://r", ["http://w0"], "m", 1.0)
+    probe.added, probe.control = [0.001, 0.002, 0.003], [0.0, 0.0005, -0.0005]
+    probe.direct_ttfts = [0.25, 0.25]  # seen by the workers only: not part of the comparison
+    before = {"router": (1.0, 10.0), "workers": (0.5, 10.0)}
+    after = {"router": (4.0, 30.0), "workers": (3.0, 32.0)}
+    figures = fleet_bench.router_added_figures(probe, before, after)
+    assert figures["router_added_p50_s"] == 0.002 and figures["router_added_p99_s"] == 0.003
+    assert figures["router_added_probes"] == 3 and figures["probe_control_p99_s"] == 0.0005
+    assert figures["router_added_mean_s"] == pytest.approx(3.0 / 20 - 2.0 / 20)
+    assert fleet_bench.router_added_figures(None, None, None)["router_added_p99_s"] is None

@@ -162,7 +162,7 @@ def test_router_log_lines_for_a_request_carry_its_id():
 
     async def scenario(session, base, fleet):
         for worker in fleet:
-            worker.mode = "fail"  # the router logs each failed attempt
+            worker.mode = "unavailable"  # a worker-wide 503: the router logs each failed attempt and retries
         return await post_chat(session, base, {HEADER: "req-fail"})
 
     handler = Collect()
@@ -172,7 +172,7 @@ def test_router_log_lines_for_a_request_carry_its_id():
         status, echoed, _ = run_router(scenario, workers=2, max_retries=1)
     finally:
         proxy_log.removeHandler(handler)
-    assert (status, echoed) == (500, "req-fail")
+    assert (status, echoed) == (503, "req-fail")
     failures = [line for line in records if "failed before first byte" in line]
     assert len(failures) == 2 and all(line.startswith("[request req-fail] ") for line in failures)
 

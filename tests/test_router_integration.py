@@ -25,7 +25,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from router.app import STATE_KEY, build_app, drain
+from router.app import STATE_KEY, build_app, drain, make_runner, make_site
 from router.config import RouterConfig
 from router.discovery import DnsDiscovery, diff_members
 
@@ -59,17 +59,17 @@ class Fleet:
     def __init__(self, loop: LoopThread, n_workers: int, **router_options) -> None:
         self.loop = loop
         self.workers = [loop.run(StandinWorker(name=f"s{i}").start()) for i in range(n_workers)]
-        options = dict(health_interval_s=0.2, breaker_cooldown_s=0.5, read_timeout_s=5.0)
+        options = dict(health_interval_s=0.2, breaker_cooldown_s=0.5, read_timeout_s=5.0, drain_timeout_s=1.0)
         options["worker_urls"] = [w.url for w in self.workers]
         options.update(router_options)
         self.config = RouterConfig(host="127.0.0.1", port=0, **options)
         self.app = build_app(self.config)
         self.state = self.app[STATE_KEY]
-        self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1)
+        self.runner = make_runner(self.app)  # the server settings `radixfleet router` runs with
 
         async def start():
             await self.runner.setup()
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            site = make_site(self.runner, self.config)
             await site.start()
             return site._server.sockets[0].getsockname()[1]
 
@@ -210,7 +210,7 @@ def test_session_policy_sticks(fleet_factory):
 def test_failing_and_hanging_workers_are_retried_elsewhere(fleet_factory):
     fleet = fleet_factory(2, read_timeout_s=0.5, policy="round_robin")
     client = fleet.client()
-    fleet.workers[0].mode = "fail"
+    fleet.workers[0].mode = "unavailable"  # a worker-wide 503 (a 500 is the request's: not retried)
     replies = [client.chat.completions.create(model="m", messages=[{"role": "user", "content": str(i)}])
                for i in range(6)]
     assert all(r.choices[0].message.content == "Hello from s1 ." for r in replies)

@@ -3,11 +3,17 @@
 Generation endpoints live in `chat.py` and `completions.py`; this module serves `/v1/models`,
 `/health`, `/load`, `/metrics`, `/tokenize` and `/detokenize`, and turns every error into an
 OpenAI error object (never an HTML page, never a 500 for bad input).
+
+Protection: a POST body must arrive within `ServerLimits.body_timeout_s` (408), and at most
+`ServerLimits.max_active_requests` generation requests are in the frontend at once (tokenizing,
+queued in the engine or running); past that a request gets 503 + Retry-After before any work is done,
+as the engine itself answers when its waiting queue is full.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -17,7 +23,9 @@ from worker.server.api_key import api_key_middleware
 from worker.server.chat import chat_completions
 from worker.server.completions import completions
 from worker.server.context import CTX_KEY, ServerContext, read_json
-from worker.server.errors import ApiError, internal_error
+from worker.server.connection_guard import body_timeout_middleware
+from worker.server.engine_client import RETRY_AFTER_S
+from worker.server.errors import ApiError, internal_error, overloaded
 from worker.server.limits import MAX_BODY_BYTES  # the router imports the same limit
 from worker.server.metrics import CONTENT_TYPE
 from worker.server.request_id import echo_request_id, request_id_middleware
@@ -26,6 +34,18 @@ from worker.server.streaming import json_response
 
 log = logging.getLogger("radixfleet.worker")
 
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The HTTP side's bounds (the engine has its own: --max-waiting-requests)."""
+
+    body_timeout_s: float = 60.0
+    max_active_requests: int | None = None  # None: the engine's running + waiting bounds together
+
+    def active_bound(self, ctx: ServerContext) -> int:
+        if self.max_active_requests is not None:
+            return self.max_active_requests
+        return ctx.config.max_running_requests + ctx.config.max_waiting_requests
 
 
 @web.middleware
@@ -46,17 +66,27 @@ async def error_middleware(request: web.Request, handler):
         return internal_error(f"Internal error: {type(error).__name__}: {error}").response()
 
 
-@web.middleware
-async def track_active(request: web.Request, handler):
-    """Count generation requests in flight, so a shutdown can wait for them to finish."""
-    if request.method != "POST" or not request.path.startswith("/v1/"):
-        return await handler(request)
-    ctx: ServerContext = request.app[CTX_KEY]
-    ctx.active_handlers += 1
-    try:
-        return await handler(request)
-    finally:
-        ctx.active_handlers -= 1
+def track_active(bound: int):
+    """Count generation requests in flight (a shutdown waits for them); shed past `bound`."""
+
+    @web.middleware
+    async def track(request: web.Request, handler):
+        if request.method != "POST" or not request.path.startswith("/v1/"):
+            return await handler(request)
+        ctx: ServerContext = request.app[CTX_KEY]
+        if ctx.active_handlers >= bound:
+            raise overloaded(RETRY_AFTER_S, ctx.active_handlers)
+        ctx.active_handlers += 1
+        try:
+            return await handler(request)
+        finally:
+            ctx.active_handlers -= 1
+
+    return track
+
+
+def _error_answer(status: int, message: str, code: str) -> web.Response:
+    return ApiError(status, message, code=code).response()
 
 
 async def models(request: web.Request) -> web.Response:
@@ -122,11 +152,11 @@ async def detokenize(request: web.Request) -> web.Response:
     return json_response({"prompt": ctx.tokenizer.decode(body.tokens, skip_special_tokens=False)})
 
 
-def build_app(ctx: ServerContext, api_key: str | None = None) -> web.Application:
+def build_app(ctx: ServerContext, api_key: str | None = None, limits: ServerLimits = ServerLimits()) -> web.Application:
     auth = [api_key_middleware(api_key)] if api_key else []
-    app = web.Application(middlewares=[request_id_middleware, *access_log_middlewares(configured_mode()),
-                                       error_middleware, *auth, track_active],
-                          client_max_size=MAX_BODY_BYTES)
+    middlewares = [request_id_middleware, *access_log_middlewares(configured_mode()), error_middleware, *auth,
+                   track_active(limits.active_bound(ctx)), body_timeout_middleware(limits.body_timeout_s, _error_answer)]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app.on_response_prepare.append(echo_request_id)
     app[CTX_KEY] = ctx
     app.router.add_post("/v1/chat/completions", chat_completions)

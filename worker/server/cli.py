@@ -123,11 +123,41 @@ def add_worker_options(parser: argparse.ArgumentParser, for_up: bool = False) ->
         parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                             help="on SIGTERM, seconds in-flight requests may run on before they are aborted")
         parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+        add_protection_arguments(parser)
         parser.add_argument("--access-log", default="off", choices=("off", "text", "json"),
                             help="one line per HTTP request on stderr (time, method, path, status, duration, "
                                  "request id, token counts; never prompt text); default off")
     renamed = {"policy": ("--scheduling-policy",)} if for_up else None
     return actions + add_engine_arguments(parser, renamed=renamed)
+
+
+def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Slow clients, connection and request bounds (worker.server.connection_guard, worker.server.app)."""
+    group = parser.add_argument_group("protection")
+    group.add_argument("--header-timeout", type=float, default=15.0, metavar="S",
+                       help="seconds a connection may take to send a complete request head (also the idle "
+                            "keep-alive timeout)")
+    group.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
+                       help="seconds a request body may take to arrive (HTTP 408 past it)")
+    group.add_argument("--max-connections", type=int, default=0, metavar="N",
+                       help="open connections at most, beyond them 503 and close; 0: what the open-file limit allows")
+    group.add_argument("--max-active-requests", type=int, default=None, metavar="N",
+                       help="generation requests in the frontend at most, beyond them 503 + Retry-After; "
+                            "default: --max-running-requests + --max-waiting-requests")
+    group.add_argument("--max-generated-tokens", type=int, default=None, metavar="N",
+                       help="n * max_tokens a request may ask for (HTTP 400 above); default: 131072, "
+                            "and never below the context length")
+
+
+def _check_protection_arguments(args: argparse.Namespace) -> None:
+    if args.header_timeout <= 0 or args.body_timeout <= 0:
+        raise UsageError("--header-timeout and --body-timeout must be > 0 (seconds)")
+    if args.max_connections < 0:
+        raise UsageError("--max-connections must be >= 0 (0: derived from the open-file limit)")
+    for flag, value in (("--max-active-requests", args.max_active_requests),
+                        ("--max-generated-tokens", args.max_generated_tokens)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
 
 
 def worker_argv(args: argparse.Namespace, actions: list[argparse.Action], skip: tuple[str, ...] = ()) -> list[str]:
@@ -238,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
         if not (0 < args.port < 65536):
             raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
         config = engine_config_from_args(args)
+        _check_protection_arguments(args)
     except (ConfigError, UsageError) as error:
         print(f"radixfleet worker: {error}", file=sys.stderr)
         return 2
@@ -266,5 +297,8 @@ def run(args: argparse.Namespace) -> int:
 
     options = ServeOptions(config, args.host, args.port, args.served_model_name or [], args.shutdown_timeout,
                            api_key=args.api_key or None, tokenizer_path=args.tokenizer,
-                           chat_template=chat_template, default_max_tokens=default_max_tokens, sock=sock)
+                           chat_template=chat_template, default_max_tokens=default_max_tokens, sock=sock,
+                           header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                           max_connections=args.max_connections, max_active_requests=args.max_active_requests,
+                           max_generated_tokens=args.max_generated_tokens)
     return run_server(options)

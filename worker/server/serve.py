@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from worker.config import EngineConfig
-from worker.server.app import build_app
+from worker.server.app import ServerLimits, build_app
+from worker.server.connection_guard import GuardedSite, connection_limit
 from worker.server.context import ServerContext
 from worker.server.engine_client import EngineClient, EngineStartError
 from worker.server.engine_process import DEFAULT_ENGINE_FACTORY
@@ -40,6 +41,15 @@ class ServeOptions:
     # Bound before the model loads (worker.server.launcher.bind_port), listening once it is ready.
     # None: bind host:port when ready.
     sock: socket.socket | None = None
+    # slow and surplus clients (worker.server.connection_guard): a complete request head within
+    # header_timeout_s of connecting (or of the previous answer), the body within body_timeout_s,
+    # at most max_connections open (0: what the open-file limit allows) and max_active_requests
+    # generation requests in the frontend (None: the engine's running + waiting bounds)
+    header_timeout_s: float = 15.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 0
+    max_active_requests: int | None = None
+    max_generated_tokens: int | None = None  # n * max_tokens bound; None: worker.server.limits' default
 
 
 def load_tokenizer(model_path: str):
@@ -86,17 +96,23 @@ async def serve(options: ServeOptions) -> int:
         tokenizer = info.tokenizer if info.tokenizer is not None else load_tokenizer(info.model_path)
     if options.chat_template is not None:
         tokenizer.chat_template = options.chat_template
+    limit_kwargs = {} if options.max_generated_tokens is None else {"max_generated_tokens": options.max_generated_tokens}
     ctx = ServerContext(options.config, client, tokenizer, info.model_name, info.max_model_len,
-                        options.served_model_names or None)
+                        options.served_model_names or None, **limit_kwargs)
     ctx.default_max_tokens = options.default_max_tokens
     # handler_cancellation: a client that disconnects cancels its handler, whose cleanup aborts the
     # request in the engine and frees its KV (streaming responses also notice on their next write).
-    runner = web.AppRunner(build_app(ctx, options.api_key), handler_cancellation=True, access_log=None)
+    # keepalive_timeout is also aiohttp's timer from a connection's opening to its first complete
+    # request head: the header timeout that closes a slowloris.
+    limits = ServerLimits(options.body_timeout_s, options.max_active_requests)
+    runner = web.AppRunner(build_app(ctx, options.api_key, limits), handler_cancellation=True, access_log=None,
+                           keepalive_timeout=options.header_timeout_s)
     await runner.setup()
+    max_connections = connection_limit(options.max_connections, fds_per_connection=1)
     if options.sock is not None:
-        site = web.SockSite(runner, options.sock)
+        site = GuardedSite(runner, sock=options.sock, max_connections=max_connections)
     else:
-        site = web.TCPSite(runner, options.host, options.port, reuse_address=True)
+        site = GuardedSite(runner, options.host, options.port, max_connections=max_connections)
     try:
         await site.start()
     except OSError as error:
@@ -118,7 +134,7 @@ async def serve(options: ServeOptions) -> int:
     return 0
 
 
-async def _drain(ctx: ServerContext, site: web.TCPSite, timeout_s: float) -> None:
+async def _drain(ctx: ServerContext, site: web.BaseSite, timeout_s: float) -> None:
     ctx.draining = True
     await site.stop()  # closes the listening socket: the port is free for a new worker
     if await _wait_idle(ctx, timeout_s):
