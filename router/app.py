@@ -1,7 +1,7 @@
 """The router's aiohttp application: endpoints, auth, admin API, lifecycle and graceful drain.
 
 Client endpoints (behind --api-key when set): POST /v1/chat/completions, POST /v1/completions,
-GET /v1/models. Open: GET /health (200 while a worker is routable and the router is not draining),
+GET /v1/models, and the worker endpoints forwarded to any worker: POST /tokenize, POST /detokenize, GET /version. Open: GET /health (200 while a worker is routable and the router is not draining),
 GET /metrics. Admin (behind --admin-key; disabled without it): GET/POST/DELETE /workers.
 One middleware, `auth_middleware`, enforces both keys from the table `ACCESS`; handlers never check.
 
@@ -151,6 +151,9 @@ ACCESS = {
     "/v1/chat/completions": CLIENT,
     "/v1/completions": CLIENT,
     "/v1/models": CLIENT,
+    "/tokenize": CLIENT,
+    "/detokenize": CLIENT,
+    "/version": CLIENT,
     "/workers": ADMIN,
 }
 
@@ -260,6 +263,28 @@ async def models_handler(request: web.Request) -> web.Response:
     return await state.proxy.forward_get("/v1/models")
 
 
+def _worker_post_handler(path: str, endpoint: str):
+    """A worker endpoint that generates nothing (/tokenize, /detokenize): any routable worker answers, through
+    the same forwarding and retries as generation, with nothing to match in the prefix trees."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        state: RouterState = request.app[STATE_KEY]
+        try:
+            check_passthrough_headers(request.headers)
+            raw = await read_body(request, state.config.max_body_bytes)
+        except BadRequest as exc:
+            return json_error(exc.status, exc.message, param=exc.param, code=exc.code)
+        route = RouteRequest([], 0, None, state.config.chars_per_token)
+        return await state.proxy.forward(request, path, raw, route, False, endpoint, started)
+
+    return handler
+
+
+async def version_handler(request: web.Request) -> web.Response:
+    state: RouterState = request.app[STATE_KEY]
+    return await state.proxy.forward_get("/version")
+
+
 async def health_handler(request: web.Request) -> web.Response:
     state: RouterState = request.app[STATE_KEY]
     now = time.monotonic()
@@ -347,6 +372,9 @@ def build_app(config: RouterConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", _generation_handler("/v1/chat/completions", "chat", "chat"))
     app.router.add_post("/v1/completions", _generation_handler("/v1/completions", "completion", "completions"))
     app.router.add_get("/v1/models", models_handler)
+    app.router.add_post("/tokenize", _worker_post_handler("/tokenize", "tokenize"))
+    app.router.add_post("/detokenize", _worker_post_handler("/detokenize", "detokenize"))
+    app.router.add_get("/version", version_handler)
     app.router.add_get("/health", health_handler)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/workers", workers_get)

@@ -160,7 +160,9 @@ def parse_request(raw: bytes, kind: str, session_header_value: str | None) -> Pa
         if "prompt" not in body:
             raise BadRequest("missing required field 'prompt'", param="prompt")
         text = completion_routing_text(body["prompt"])
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    if stream is None:  # absent or null: the worker's default (not streamed)
+        stream = False
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", param="stream")
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))

@@ -277,7 +277,7 @@ def test_load_and_metrics(worker):
         ("/v1/chat/completions", {"model": MODEL, "messages": chat("x"), "max_tokens": -1}, 400, "max_tokens"),
         ("/v1/chat/completions", {"model": MODEL, "messages": chat("x"), "max_tokens": 10**12}, 400, "max_tokens"),
         ("/v1/chat/completions", {"model": MODEL, "messages": chat("x"), "n": 10**6}, 400, "n"),
-        ("/v1/chat/completions", {"model": MODEL, "messages": chat("x"), "bogus": 1}, 400, "bogus"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": chat("x"), "logit_bias": {"x": 1}}, 400, "logit_bias"),
         ("/v1/chat/completions", {"model": "no-such-model", "messages": chat("x")}, 404, "model"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 99}, 400, "logprobs"),
         ("/v1/completions", {"model": MODEL, "prompt": [10**9]}, 400, "prompt"),

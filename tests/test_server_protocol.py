@@ -64,7 +64,7 @@ def test_null_means_default():
         ("max_tokens", -5), ("max_tokens", 0), ("max_tokens", 1.5), ("max_tokens", "10"), ("n", 0), ("n", 10**6),
         ("n", True), ("seed", 2**80), ("seed", "1"), ("stop", 7), ("stop", [""]), ("stop_token_ids", [-1]),
         ("presence_penalty", 3), ("frequency_penalty", "x"), ("top_k", -3), ("min_p", 2), ("ignore_eos", "yes"),
-        ("priority", 0.5), ("stream", "true"), ("logit_bias", {"5": 10}),
+        ("priority", 0.5), ("stream", "true"), ("logit_bias", {"x": 10}), ("logit_bias", {"5": 1000}),
     ],
 )
 def test_chat_rejects_bad_values_naming_the_field(field, value):
@@ -103,9 +103,11 @@ def test_chat_template_kwargs():
     rejects(parse_chat_request, {**CHAT, "chat_template_kwargs": "x"}, "chat_template_kwargs")
 
 
-def test_unknown_fields_rejected_but_harmless_openai_fields_accepted():
-    rejects(parse_chat_request, {**CHAT, "max_token": 5}, "max_token")
-    parse_chat_request({**CHAT, "user": "u1", "metadata": {"a": "b"}, "store": False, "parallel_tool_calls": True})
+def test_unknown_fields_ignored_or_rejected_when_strict_and_harmless_openai_fields_accepted():
+    assert parse_chat_request({**CHAT, "max_token": 5}).extras.ignored_fields == ["max_token"]
+    rejects(lambda body: parse_chat_request(body, strict=True), {**CHAT, "max_token": 5}, "max_token")
+    accepted = {**CHAT, "user": "u1", "metadata": {"a": "b"}, "store": False, "parallel_tool_calls": True}
+    assert parse_chat_request(accepted, strict=True).extras.ignored_fields == []
 
 
 def test_stream_options():

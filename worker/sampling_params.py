@@ -29,6 +29,21 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+STRUCTURED_OUTPUT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output text, enforced token by token (worker.engine.grammar).
+
+    `kind`: json_schema (spec: the schema as JSON text), json_object (any JSON object), regex, choice
+    (spec: a JSON array of the allowed strings) or grammar (spec: EBNF).
+    """
+
+    kind: str
+    spec: str = ""
+
+
 @dataclass
 class SamplingParams:
     """How to turn logits into tokens, and when to stop.
@@ -56,6 +71,11 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the top k
     skip_special_tokens: bool = True
     priority: int = 0
+    # Logit processors (vLLM names): a bias per token id, a whitelist, banned token sequences, a grammar.
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words_token_ids: list[list[int]] | None = None  # each: the token ids of one banned word
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -99,6 +119,28 @@ class SamplingParams:
         if self.logprobs is not None:
             self._check_int("logprobs", 0, MAX_LOGPROBS)
         self._check_int("priority", None, None)
+        self._validate_logit_processors()
+
+    def _validate_logit_processors(self) -> None:
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise InvalidParameter("logit_bias", "must map token ids to numbers")
+            for token, bias in self.logit_bias.items():
+                if not _is_int(token) or token < 0:
+                    raise InvalidParameter("logit_bias", f"keys must be non-negative token ids, got {token!r}")
+                if not _is_number(bias) or not -100.0 <= bias <= 100.0:
+                    raise InvalidParameter("logit_bias", f"values must be numbers in [-100, 100], got {bias!r}")
+        if self.allowed_token_ids is not None and (
+            not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids
+            or not all(_is_int(t) and t >= 0 for t in self.allowed_token_ids)
+        ):
+            raise InvalidParameter("allowed_token_ids", "must be a non-empty list of non-negative token ids")
+        if self.bad_words_token_ids is not None and not all(
+            isinstance(ids, list) and ids and all(_is_int(t) and t >= 0 for t in ids) for ids in self.bad_words_token_ids
+        ):
+            raise InvalidParameter("bad_words", "each bad word must encode to at least one token")
+        if self.structured_output is not None and self.structured_output.kind not in STRUCTURED_OUTPUT_KINDS:
+            raise InvalidParameter("structured_outputs", f"kind must be one of {', '.join(STRUCTURED_OUTPUT_KINDS)}")
 
     def _check_int(self, name: str, low: int | None, high: int | None) -> None:
         value = getattr(self, name)
@@ -128,6 +170,16 @@ class SamplingParams:
     @property
     def uses_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def uses_logit_processors(self) -> bool:
+        """True when logits are changed beyond penalties and min_tokens (bias, whitelist, bad words, grammar)."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words_token_ids or self.structured_output)
+
+    @property
+    def needs_output_tokens(self) -> bool:
+        """True when sampling reads this sequence's output tokens on the host (no overlap for its steps)."""
+        return self.uses_penalties or bool(self.bad_words_token_ids) or self.structured_output is not None
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -63,6 +63,11 @@ class Tokenizer:
         self.name = name
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The `tokenizers` object (grammar libraries read the vocabulary and its byte encoding from it)."""
+        return self._backend
+
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_folder(cls, path: str | Path) -> "Tokenizer":
@@ -191,12 +196,14 @@ class Tokenizer:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> str:
-        """Render `messages` with the checkpoint's chat template, as transformers'
-        ``apply_chat_template(messages, tokenize=False, ...)`` does. Extra keyword arguments are passed to
-        the template (e.g. ``enable_thinking=False``) and override the special-token variables."""
-        if self.chat_template is None:
+        """Render `messages` with the checkpoint's chat template (or `chat_template`, given per request), as
+        transformers' ``apply_chat_template(messages, tokenize=False, ...)`` does. Extra keyword arguments are
+        passed to the template (e.g. ``enable_thinking=False``) and override the special-token variables."""
+        template_text = chat_template if chat_template is not None else self.chat_template
+        if template_text is None:
             raise ChatTemplateError(
                 f"the model {self.name!r} has no chat template (tokenizer_config.json has no 'chat_template' and "
                 "there is no chat_template.jinja); use the completions endpoint with a plain prompt, or add a "
@@ -208,7 +215,7 @@ class Tokenizer:
         context.setdefault("documents", None)
         context["add_generation_prompt"] = bool(add_generation_prompt)
         try:
-            template = _compile(self.chat_template)
+            template = _compile(template_text)
             return template.render(**context)
         except ChatTemplateError:
             raise
@@ -240,17 +247,18 @@ def _token_text(value: Any) -> str | None:
 
 
 def _find_chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
-    """The default chat template: tokenizer_config.json's `chat_template` (a string, or a list of named
-    templates, of which "default") or, as transformers 5 saves it, chat_template.jinja."""
+    """The default chat template, in transformers' order: chat_template.jinja (how transformers 5 saves it)
+    wins over tokenizer_config.json's `chat_template` (a string, or a list of named templates, of which
+    "default")."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
     template = config.get("chat_template")
     if isinstance(template, list):
         named = {item.get("name"): item.get("template") for item in template if isinstance(item, Mapping)}
         template = named.get("default")
     if isinstance(template, str):
         return template
-    jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
     return None
 
 

@@ -26,6 +26,7 @@ from worker.cache.page_pool import PagePool
 from worker.cache.radix_cache import RadixCache
 from worker.config import ConfigError, EngineConfig
 from worker.engine.forward_batch import build_forward_batch, sampling_states
+from worker.engine.grammar import GrammarMasks
 from worker.engine.protocol import ContextLengthExceeded, EngineOutput, EngineRequest, EngineStats, QueueFullError
 from worker.engine.sampler import PendingSample, Sampler
 from worker.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -48,8 +49,9 @@ class _LaunchedStep:
     def __init__(self, seqs: list[Sequence | None], sample: PendingSample | None):
         self.seqs = seqs
         self.sample = sample
-        # penalties read the output tokens on the host: the next step cannot start before these are known
-        self.needs_host_tokens = any(s is not None and s.params.uses_penalties for s in seqs)
+        # penalties, bad words and grammars read the output tokens on the host: the next step cannot start
+        # before these are known
+        self.needs_host_tokens = any(s is not None and s.params.needs_output_tokens for s in seqs)
 
 
 def create_executor(config: EngineConfig, model_path: Path) -> Executor:
@@ -93,8 +95,9 @@ class LLMEngine:
         self.scheduler = Scheduler(scheduler_config(config, self.max_model_len), self.cache)
         # an executor may return logits over only the first `logits_vocab_size` ids (sim: a small vocab)
         sampler_vocab = getattr(self.executor, "logits_vocab_size", None) or self.model_config.vocab_size
-        self.sampler = Sampler(sampler_vocab, self.executor.device, seed=config.seed)
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids)))
+        grammars = GrammarMasks(self.tokenizer, max(sampler_vocab, self.model_config.vocab_size), self.eos_token_ids)
+        self.sampler = Sampler(sampler_vocab, self.executor.device, seed=config.seed, grammars=grammars)
         self._eos_set = frozenset(self.eos_token_ids)
         self._requests: dict[str, list[Sequence]] = {}  # request_id -> its choices
         self._pending_outputs: list[EngineOutput] = []  # produced outside step() (aborts)

@@ -6,7 +6,7 @@ The pipeline, in vLLM's order (what users of the OpenAI-style API expect):
    the penalty, negative ones multiplied), then frequency and presence (OpenAI style, over output tokens:
    `logit -= frequency * count + presence * (count > 0)`);
 2. min_tokens: while a sequence has fewer than `min_tokens` output tokens, its eos ids and stop token ids
-   are masked out (whatever `ignore_eos` says);
+   are masked out (whatever `ignore_eos` says); then the logit processors (worker.engine.logit_processors);
 3. temperature; a temperature of (almost) 0 means greedy: argmax of the penalised logits;
 4. top_k, then top_p (one descending sort of the rows that need either), then min_p;
 5. sampling by the exponential race: argmax(probs / E) with E ~ Exponential(1) i.i.d., which draws from
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.engine.logit_processors import apply_logit_processors
 from worker.engine.sampled_tokens import PendingSample, SampleResult
 from worker.engine.sampling_filters import apply_min_p, apply_top_k, apply_top_k_top_p, device_tensor
 from worker.engine.sampling_penalties import apply_penalties, mask_stop_tokens
@@ -100,10 +101,10 @@ class Sampler:
 
     `vocab_size`: the tokenizer's vocabulary; logits with more columns (an lm_head padded for speed) have
     the extra columns dropped, so padding ids are never sampled. `seed` seeds the generator shared by rows
-    without a per-request seed.
+    without a per-request seed. `grammars` (worker.engine.grammar.GrammarMasks) masks structured outputs.
     """
 
-    def __init__(self, vocab_size: int, device: torch.device | str, seed: int = 0):
+    def __init__(self, vocab_size: int, device: torch.device | str, seed: int = 0, grammars=None):
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
         self.vocab_size = vocab_size
@@ -115,6 +116,7 @@ class Sampler:
         # CUDA: fresh Philox keys for unseeded rows, from the engine seed (reproducible run to run).
         self._key_source = random.Random(seed)
         self._fused = self.device.type == "cuda"
+        self.grammars = grammars
 
     # ------------------------------------------------------------------ entry point
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SampleResult:
@@ -152,13 +154,15 @@ class Sampler:
         work = raw.float()
         penalty_rows = [i for i, s in enumerate(states) if s.params.uses_penalties]
         min_tokens_rows = [i for i, s in enumerate(states) if s.blocks_stop_tokens]
-        if penalty_rows or min_tokens_rows:
-            if work.data_ptr() == raw.data_ptr():
-                work = work.clone()  # never modify the caller's logits
-            if penalty_rows:
-                apply_penalties(work, penalty_rows, states, self.vocab_size)
-            if min_tokens_rows:
-                mask_stop_tokens(work, min_tokens_rows, states, self.vocab_size)
+        processor_rows = [i for i, s in enumerate(states) if s.params.uses_logit_processors]
+        if (penalty_rows or min_tokens_rows or processor_rows) and work.data_ptr() == raw.data_ptr():
+            work = work.clone()  # never modify the caller's logits
+        if penalty_rows:
+            apply_penalties(work, penalty_rows, states, self.vocab_size)
+        if min_tokens_rows:
+            mask_stop_tokens(work, min_tokens_rows, states, self.vocab_size)
+        if processor_rows:
+            apply_logit_processors(work, processor_rows, states, self.grammars)
         return work
 
     def _checked_logits(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The aiohttp application: routes, the error middleware, and the small endpoints.
 
 Generation endpoints live in `chat.py` and `completions.py`; this module serves `/v1/models`,
-`/health`, `/load`, `/metrics`, `/tokenize` and `/detokenize`, and turns every error into an
+`/health`, `/load`, `/metrics`, `/tokenize`, `/detokenize` and `/version`, and turns every error into an
 OpenAI error object (never an HTML page, never a 500 for bad input).
 
 Protection: a POST body must arrive within `ServerLimits.body_timeout_s` (408), and at most
@@ -12,6 +12,7 @@ as the engine itself answers when its waiting queue is full.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from worker.server.context import CTX_KEY, ServerContext, read_json
 from worker.server.connection_guard import body_timeout_middleware
 from worker.server.engine_client import RETRY_AFTER_S
 from worker.server.errors import ApiError, internal_error, overloaded
+from worker.server.extra_fields import ignored_fields_header
 from worker.server.limits import MAX_BODY_BYTES  # the router imports the same limit
 from worker.server.metrics import CONTENT_TYPE
 from worker.server.request_id import echo_request_id, request_id_middleware
@@ -134,15 +136,22 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     ctx: ServerContext = request.app[CTX_KEY]
-    body = parse_tokenize_request(await read_json(request))
+    body = parse_tokenize_request(await read_json(request), strict=ctx.strict_fields)
     ctx.check_model(body.model)
     if body.messages is not None:
-        text = await ctx.render_chat_off_loop(body.messages, body.tools, body.add_generation_prompt,
-                                              body.chat_template_kwargs)
+        text = await ctx.render_chat_off_loop(body.messages, body.tools,
+                                              body.add_generation_prompt and not body.continue_final_message,
+                                              body.chat_template_kwargs, body.chat_template,
+                                              body.continue_final_message)
     else:
         text = body.prompt
     tokens = await ctx.encode_off_loop(text, add_special_tokens=body.add_special_tokens)
-    return json_response({"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens})
+    answer = {"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens}
+    if body.return_token_strs:
+        answer["token_strs"] = [ctx.token_texts(t) for t in tokens]
+    response = json_response(answer)
+    response.headers.update(ignored_fields_header(body.ignored_fields))
+    return response
 
 
 async def detokenize(request: web.Request) -> web.Response:
@@ -150,6 +159,18 @@ async def detokenize(request: web.Request) -> web.Response:
     body = parse_detokenize_request(await read_json(request))
     ctx.check_model(body.model)
     return json_response({"prompt": ctx.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+
+
+def package_version() -> str:
+    """The installed radixfleet version (pyproject's), or "unknown" when run from a bare source tree."""
+    try:
+        return importlib.metadata.version("radixfleet")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+async def version(request: web.Request) -> web.Response:
+    return json_response({"version": package_version()})
 
 
 def build_app(ctx: ServerContext, api_key: str | None = None, limits: ServerLimits = ServerLimits()) -> web.Application:
@@ -167,4 +188,5 @@ def build_app(ctx: ServerContext, api_key: str | None = None, limits: ServerLimi
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
+    app.router.add_get("/version", version)
     return app

@@ -1,4 +1,8 @@
-"""POST /v1/chat/completions: messages -> chat template -> tokens -> engine -> chat completion (or chunks)."""
+"""POST /v1/chat/completions: messages -> chat template -> tokens -> engine -> chat completion (or chunks).
+
+Each choice's text is split by `ChoiceOutput` into content, reasoning_content (with --reasoning-parser)
+and tool_calls (tool_choice auto with a tool-call parser, or required / named enforced by a grammar).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import time
 
 from aiohttp import web
 
+from worker.server.chat_output import ChoiceOutput, finish_reason_with_calls
 from worker.server.context import CTX_KEY, ServerContext, new_response_id, read_json, usage
+from worker.server.extra_fields import ignored_fields_header
 from worker.server.generation import ChoiceUpdate, Generation, merge_choice_updates
 from worker.server.logprobs import chat_logprobs
 from worker.server.protocol import ChatRequest, parse_chat_request
@@ -15,13 +21,16 @@ from worker.server.streaming import ClientGone, SSEWriter, end_with_error, json_
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx: ServerContext = request.app[CTX_KEY]
-    body = await read_json(request)
-    chat = parse_chat_request(body)
+    body = ctx.with_sampling_defaults(await read_json(request))
+    chat = parse_chat_request(body, strict=ctx.strict_fields)
     ctx.check_model(chat.model)
     ctx.check_serving()
-    prompt = await ctx.render_chat_off_loop(chat.messages, chat.tools, chat.add_generation_prompt, chat.chat_template_kwargs)
-    # The template writes the BOS and other special tokens itself.
-    prompt_ids = await ctx.encode_off_loop(prompt, add_special_tokens=False)
+    prompt = await ctx.render_chat_off_loop(chat.messages, chat.tools, chat.add_generation_prompt,
+                                            chat.chat_template_kwargs, chat.chat_template, chat.continue_final_message)
+    # The template writes the BOS and other special tokens itself (unless the client asks for them again).
+    prompt_ids = await ctx.encode_off_loop(prompt, add_special_tokens=bool(chat.extras.add_special_tokens))
+    prompt_ids = ctx.truncated_prompt(prompt_ids, chat.extras)
+    ctx.apply_extras(chat.params, chat.extras, chat.tools, chat.tool_choice, chat.parallel_tool_calls)
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if chat.params.max_tokens is None and ctx.default_max_tokens is not None:  # worker --default-max-tokens
         chat.params.max_tokens = max(1, min(ctx.default_max_tokens, ctx.max_model_len - len(prompt_ids)))
@@ -32,23 +41,36 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         first = await generation.first_updates()  # raises ApiError when the engine refuses the request
         if chat.stream:
             return await _stream(request, ctx, chat, generation, first)
-        return _complete(ctx, chat, generation, first + await generation.run_to_end())
+        response = _complete(ctx, chat, generation, first + await generation.run_to_end())
+        response.headers.update(ignored_fields_header(chat.extras.ignored_fields))
+        return response
     finally:
         generation.abort()  # no-op when it finished; frees the KV of a client that left
 
 
+def _outputs(ctx: ServerContext, chat: ChatRequest) -> list[ChoiceOutput]:
+    return [ChoiceOutput(ctx.reasoning_parser, chat.tool_choice, ctx.tool_parser, chat.parallel_tool_calls)
+            for _ in range(chat.params.n)]
+
+
+def _response_id(chat: ChatRequest) -> str:
+    return f"chatcmpl-{chat.extras.request_id}" if chat.extras.request_id else new_response_id("chatcmpl")
+
+
 def _complete(ctx: ServerContext, chat: ChatRequest, generation: Generation, updates: list[ChoiceUpdate]) -> web.Response:
     choices = []
+    outputs = _outputs(ctx, chat)
     for total in merge_choice_updates(chat.params.n, updates):
+        output = outputs[total.index]
         choices.append({
             "index": total.index,
-            "message": {"role": "assistant", "content": total.text},
+            "message": output.message(total.text),
             "logprobs": chat_logprobs(total.logprobs or [], ctx.token_texts) if chat.logprobs else None,
-            "finish_reason": total.finish_reason,
+            "finish_reason": finish_reason_with_calls(total.finish_reason, output.calls, chat.tool_choice),
             "stop_reason": total.stop_reason,
         })
     return json_response({
-        "id": new_response_id("chatcmpl"),
+        "id": _response_id(chat),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": ctx.model_name,
@@ -59,15 +81,16 @@ def _complete(ctx: ServerContext, chat: ChatRequest, generation: Generation, upd
 
 async def _stream(request: web.Request, ctx: ServerContext, chat: ChatRequest, generation: Generation,
                   first: list[ChoiceUpdate]) -> web.StreamResponse:
-    writer = SSEWriter(request)
+    writer = SSEWriter(request, headers=ignored_fields_header(chat.extras.ignored_fields))
     header = {
-        "id": new_response_id("chatcmpl"),
+        "id": _response_id(chat),
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": ctx.model_name,
     }
     if chat.include_usage or chat.continuous_usage:
         header["usage"] = None  # as OpenAI: every chunk has "usage", null but in the last one
+    outputs = _outputs(ctx, chat)
 
     def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
         event = {**header, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
@@ -80,10 +103,18 @@ async def _stream(request: web.Request, ctx: ServerContext, chat: ChatRequest, g
     def chunks(updates: list[ChoiceUpdate]) -> list[dict]:
         events = []
         for update in updates:
+            output = outputs[update.index]
             logprobs = chat_logprobs(update.logprobs, ctx.token_texts) if chat.logprobs and update.logprobs else None
-            if update.text or logprobs or update.finish_reason:
-                delta = {"content": update.text} if update.text else {}
-                events.append(chunk(update.index, delta, logprobs, update.finish_reason))
+            deltas = output.feed(update.text) if update.text else []
+            if update.finish_reason:
+                deltas += output.finish()
+            if logprobs and not deltas:
+                deltas = [{}]  # the tokens' logprobs go out even while their text is held back
+            for j, delta in enumerate(deltas):
+                events.append(chunk(update.index, delta, logprobs if j == 0 else None))
+            if update.finish_reason:
+                reason = finish_reason_with_calls(update.finish_reason, output.calls, chat.tool_choice)
+                events.append(chunk(update.index, {}, None, reason))
         return events
 
     try:

@@ -21,6 +21,7 @@ import typing
 from pathlib import Path
 
 from worker.config import DEVICES, EXECUTORS, POLICIES, ConfigError, EngineConfig
+from worker.server.drop_in import add_drop_in_arguments, drop_in_options_from_args
 
 _CHOICES = {"device": DEVICES, "executor": EXECUTORS, "policy": POLICIES,
             "dtype": ("auto", "float32", "float16", "bfloat16"), "overlap_schedule": ("auto", "on", "off")}
@@ -128,7 +129,7 @@ def add_worker_options(parser: argparse.ArgumentParser, for_up: bool = False) ->
                             help="one line per HTTP request on stderr (time, method, path, status, duration, "
                                  "request id, token counts; never prompt text); default off")
     renamed = {"policy": ("--scheduling-policy",)} if for_up else None
-    return actions + add_engine_arguments(parser, renamed=renamed)
+    return actions + add_drop_in_arguments(parser) + add_engine_arguments(parser, renamed=renamed)
 
 
 def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -300,5 +301,6 @@ def run(args: argparse.Namespace) -> int:
                            chat_template=chat_template, default_max_tokens=default_max_tokens, sock=sock,
                            header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                            max_connections=args.max_connections, max_active_requests=args.max_active_requests,
-                           max_generated_tokens=args.max_generated_tokens)
+                           max_generated_tokens=args.max_generated_tokens,
+                           drop_in=drop_in_options_from_args(args))
     return run_server(options)

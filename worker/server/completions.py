@@ -12,6 +12,7 @@ import time
 from aiohttp import web
 
 from worker.server.context import CTX_KEY, ServerContext, new_response_id, read_json, usage
+from worker.server.extra_fields import ignored_fields_header
 from worker.server.generation import ChoiceUpdate, Generation, merge_choice_updates, merge_generations
 from worker.server.logprobs import CompletionLogprobs
 from worker.server.protocol import CompletionRequest, parse_completion_request
@@ -20,14 +21,18 @@ from worker.server.streaming import ClientGone, SSEWriter, end_with_error, json_
 
 async def completions(request: web.Request) -> web.StreamResponse:
     ctx: ServerContext = request.app[CTX_KEY]
-    body = await read_json(request)
-    completion = parse_completion_request(body)
+    body = ctx.with_sampling_defaults(await read_json(request))
+    completion = parse_completion_request(body, strict=ctx.strict_fields)
     ctx.check_model(completion.model)
     ctx.check_serving()
+    extras = completion.extras
+    ctx.apply_extras(completion.params, extras)
+    add_special = extras.add_special_tokens is not False
     many = len(completion.prompts) > 1
     prompt_ids = []
     for prompt in completion.prompts:
-        ids = await ctx.encode_off_loop(prompt) if isinstance(prompt, str) else prompt
+        ids = await ctx.encode_off_loop(prompt, add_special_tokens=add_special) if isinstance(prompt, str) else prompt
+        ids = ctx.truncated_prompt(ids, extras)
         ctx.check_generation_budget(ids, completion.params)
         prompt_ids.append(ids)
     n = completion.params.n
@@ -44,7 +49,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         echo = _echo_texts(ctx, completion, prompt_ids)
         if completion.stream:
             return await _stream(request, ctx, completion, generations, first, echo)
-        return await _complete(ctx, completion, generations, first, echo)
+        response = await _complete(ctx, completion, generations, first, echo)
+        response.headers.update(ignored_fields_header(extras.ignored_fields))
+        return response
     finally:
         for generation in generations:
             generation.abort()  # no-op for finished ones; frees the KV of a client that left
@@ -54,6 +61,23 @@ def _echo_texts(ctx: ServerContext, completion: CompletionRequest, prompt_ids: l
     if not completion.echo:
         return None
     return [p if isinstance(p, str) else ctx.tokenizer.decode(ids) for p, ids in zip(completion.prompts, prompt_ids)]
+
+
+def best_choices(totals: list[ChoiceUpdate], best_of: int, keep: int) -> list[ChoiceUpdate]:
+    """best_of: of each prompt's `best_of` choices keep the `keep` with the highest cumulative logprob,
+    renumbered p * keep + i, most likely first."""
+    kept = []
+    for p in range(len(totals) // best_of):
+        group = totals[p * best_of:(p + 1) * best_of]
+        group.sort(key=lambda t: sum(lp.logprob for lp in t.logprobs or []), reverse=True)
+        for i, total in enumerate(group[:keep]):
+            total.index = p * keep + i
+            kept.append(total)
+    return kept
+
+
+def _response_id(completion: CompletionRequest) -> str:
+    return f"cmpl-{completion.extras.request_id}" if completion.extras.request_id else new_response_id("cmpl")
 
 
 def _totals(generations: list[Generation]) -> tuple[int, int, int]:
@@ -68,8 +92,11 @@ async def _complete(ctx: ServerContext, completion: CompletionRequest, generatio
                     first: list[ChoiceUpdate], echo: list[str] | None) -> web.Response:
     n = completion.params.n
     rest = await asyncio.gather(*(g.run_to_end() for g in generations))
+    totals = merge_choice_updates(n * len(generations), first, *rest)
+    if completion.keep_n is not None:
+        totals, n = best_choices(totals, n, completion.keep_n), completion.keep_n
     choices = []
-    for total in merge_choice_updates(n * len(generations), first, *rest):
+    for total in totals:
         prefix = echo[total.index // n] if echo else ""
         logprobs = None
         if completion.logprobs is not None:
@@ -82,7 +109,7 @@ async def _complete(ctx: ServerContext, completion: CompletionRequest, generatio
             "stop_reason": total.stop_reason,
         })
     return json_response({
-        "id": new_response_id("cmpl"),
+        "id": _response_id(completion),
         "object": "text_completion",
         "created": int(time.time()),
         "model": ctx.model_name,
@@ -93,9 +120,9 @@ async def _complete(ctx: ServerContext, completion: CompletionRequest, generatio
 
 async def _stream(request: web.Request, ctx: ServerContext, completion: CompletionRequest,
                   generations: list[Generation], first: list[ChoiceUpdate], echo: list[str] | None) -> web.StreamResponse:
-    writer = SSEWriter(request)
+    writer = SSEWriter(request, headers=ignored_fields_header(completion.extras.ignored_fields))
     n = completion.params.n
-    header = {"id": new_response_id("cmpl"), "object": "text_completion", "created": int(time.time()),
+    header = {"id": _response_id(completion), "object": "text_completion", "created": int(time.time()),
               "model": ctx.model_name}
     if completion.include_usage or completion.continuous_usage:
         header["usage"] = None

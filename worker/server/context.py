@@ -23,6 +23,10 @@ from worker.server.limits import (
 )
 from worker.server.logprobs import TokenTexts
 from worker.server.metrics import WorkerMetrics
+from worker.server.protocol import GenerationExtras
+from worker.server.reasoning import ReasoningParser
+from worker.server.structured import tool_call_constraint
+from worker.server.tool_parsers import ToolParser, make_tool_parser
 
 
 class ServerContext:
@@ -54,6 +58,12 @@ class ServerContext:
         self.created = int(time.time())
         self.draining = False  # set on SIGTERM: no new requests
         self.active_handlers = 0  # generation requests being served (the shutdown waits for them)
+        # Drop-in behaviour (serve.py sets these from --strict-fields, --tool-call-parser, --reasoning-parser,
+        # --generation-config): refuse unimplemented fields? which output parsers? which sampling defaults?
+        self.strict_fields = False
+        self.tool_parser: ToolParser | None = make_tool_parser("auto", getattr(tokenizer, "chat_template", None))
+        self.reasoning_parser: ReasoningParser | None = None
+        self.sampling_defaults: dict = {}  # generation_config.json's, for fields a request leaves out
         self.default_max_tokens: int | None = None  # chat max_tokens when a request sets none (None: the rest)
 
     # ------------------------------------------------------------------ checks
@@ -89,23 +99,76 @@ class ServerContext:
                           param_names)
 
     def render_chat(self, messages: list[dict], tools: list | None, add_generation_prompt: bool = True,
-                    template_kwargs: dict | None = None) -> str:
-        """Apply the model's chat template; a template error is the client's (400 on `messages`)."""
+                    template_kwargs: dict | None = None, chat_template: str | None = None,
+                    continue_final_message: bool = False) -> str:
+        """Apply the model's chat template (or the request's `chat_template`); a template error is the
+        client's (400 on `messages`, or `chat_template` when the request gave one).
+
+        continue_final_message: the last (assistant) message is left open, so the model continues it: the
+        rendering is cut right after that message's text, before the template's end-of-turn."""
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                      tools=tools, **(template_kwargs or {}))
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tools=tools, chat_template=chat_template,
+                                                      **(template_kwargs or {}))
         except Exception as error:  # ChatTemplateError, or jinja errors raised by the template itself
-            raise bad_request("messages", f"The chat template could not render these messages: {error}") from None
+            param = "chat_template" if chat_template is not None else "messages"
+            raise bad_request(param, f"The chat template could not render these messages: {error}") from None
+        if continue_final_message:
+            final = (messages[-1].get("content") or "").strip()
+            end = text.rfind(final) if final else -1
+            if end >= 0:
+                text = text[: end + len(final)]
+        return text
+
+    def with_sampling_defaults(self, body: dict) -> dict:
+        """The body with the model's generation defaults in the sampling fields it leaves out (or null)."""
+        if not self.sampling_defaults:
+            return body
+        return {**body, **{k: v for k, v in self.sampling_defaults.items() if body.get(k) is None}}
+
+    def truncated_prompt(self, prompt_ids: list[int], extras: GenerationExtras) -> list[int]:
+        """truncate_prompt_tokens: keep the last k tokens (-1: as many as the context holds)."""
+        k = extras.truncate_prompt_tokens
+        if k is None:
+            return prompt_ids
+        if k == -1:
+            k = self.max_model_len - 1
+        return prompt_ids[-k:] if len(prompt_ids) > k else prompt_ids
+
+    def apply_extras(self, params: SamplingParams, extras: GenerationExtras, tools: list | None = None,
+                     tool_choice=None, parallel_tool_calls: bool = True) -> None:
+        """Set the request's token-level constraints on `params`: bad words (as token ids), the structured
+        output or the grammar tool_choice required / named needs, and special tokens kept for a tool
+        parser whose markers are special tokens."""
+        if extras.bad_words:
+            params.bad_words_token_ids = self._bad_word_ids(extras.bad_words)
+        constraint = extras.structured
+        if tool_choice is not None and tools:
+            constraint = constraint or tool_call_constraint(tools, tool_choice, parallel_tool_calls)
+            if tool_choice.mode == "auto" and self.tool_parser is not None and self.tool_parser.needs_special_tokens:
+                params.skip_special_tokens = False
+        params.structured_output = constraint
+
+    def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word's token ids, alone and after a space (how it appears mid-sentence), as vLLM bans them."""
+        variants: list[list[int]] = []
+        for word in words:
+            for text in (word, " " + word.lstrip()):
+                ids = self.encode(text, add_special_tokens=False)
+                if ids and ids not in variants:
+                    variants.append(ids)
+        return variants
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     async def render_chat_off_loop(self, messages: list[dict], tools: list | None, add_generation_prompt: bool = True,
-                                   template_kwargs: dict | None = None) -> str:
+                                   template_kwargs: dict | None = None, chat_template: str | None = None,
+                                   continue_final_message: bool = False) -> str:
         """`render_chat`, in a thread when the messages are long."""
         size = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
         return await _off_loop_if_large(size, self.render_chat, messages, tools, add_generation_prompt,
-                                        template_kwargs)
+                                        template_kwargs, chat_template, continue_final_message)
 
     async def encode_off_loop(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """`encode`, in a thread when the text is long, through the tokenizer's GIL-releasing entry point

@@ -4,8 +4,9 @@ Each parser takes the decoded JSON body and returns a plain request object, or r
 `ApiError(400)` whose `param` names the offending field. Rules, as OpenAI applies them:
   * a field set to `null` means "use the default";
   * a known field of the wrong type or out of range is rejected with a message saying what is expected;
-  * an unrecognised field is rejected ("Unrecognized request argument supplied"), except the OpenAI
-    fields that do not change generation here (`user`, `metadata`, `store`, ...), which are accepted.
+  * a field this server does not implement is accepted, logged and listed in the response's
+    X-Ignored-Fields header, as vLLM does (`strict=True`, the worker's --strict-fields, refuses it with
+    "Unrecognized request argument supplied"); see worker.server.extra_fields.
 Range checks of sampling fields live in `SamplingParams.validate`; here we only map their error
 back to the name the client used (`max_completion_tokens`, `top_logprobs`).
 """
@@ -15,8 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.sampling_params import MAX_LOGPROBS, InvalidParameter, SamplingParams
+from worker.sampling_params import MAX_LOGPROBS, InvalidParameter, SamplingParams, StructuredOutput
 from worker.server.errors import bad_request
+from worker.server.extra_fields import NO_EFFECT_FIELDS, unknown_fields
+from worker.server.structured import STRUCTURED_FIELDS, ToolChoice, parse_tool_choice, parse_tools, structured_output
 from worker.server.limits import MAX_PRIORITY, MAX_STOP_STRING_CHARS, MAX_STOP_TOKEN_IDS, MAX_TOKEN_ID
 
 # Sampling fields passed to SamplingParams under the same name (vLLM-style extensions included).
@@ -38,21 +41,12 @@ _SAMPLING_FIELDS = (
     "skip_special_tokens",
     "priority",
 )
-# OpenAI fields accepted and ignored: they do not affect what this server generates.
-_IGNORED_FIELDS = {
-    "user",
-    "metadata",
-    "store",
-    "service_tier",
-    "parallel_tool_calls",
-    "tool_choice",
-    "prompt_cache_key",
-    "safety_identifier",
-    "reasoning_effort",
-    "verbosity",
-    "modalities",
+# Fields every generation endpoint reads (vLLM's names for its extensions).
+_COMMON_FIELDS = {
+    "model", "stream", "stream_options", "max_tokens", "logit_bias", "allowed_token_ids", "bad_words",
+    "truncate_prompt_tokens", "add_special_tokens", "request_id", *_SAMPLING_FIELDS, *STRUCTURED_FIELDS,
+    *NO_EFFECT_FIELDS,
 }
-_COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "logit_bias", *_SAMPLING_FIELDS, *_IGNORED_FIELDS}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "logprobs", "echo", "suffix", "best_of"}
 CHAT_FIELDS = _COMMON_FIELDS | {
     "messages",
@@ -60,9 +54,13 @@ CHAT_FIELDS = _COMMON_FIELDS | {
     "logprobs",
     "top_logprobs",
     "tools",
-    "response_format",
+    "tool_choice",
+    "parallel_tool_calls",
     "add_generation_prompt",
+    "continue_final_message",
+    "chat_template",
     "chat_template_kwargs",
+    "documents",
 }
 SEED_RANGE = (-(2**63), 2**63 - 1)
 MAX_PROMPTS_PER_REQUEST = 256  # prompts in one /v1/completions batch
@@ -79,6 +77,21 @@ class CompletionRequest:
     echo: bool = False
     logprobs: int | None = None  # top-k alternatives per token; None: no logprobs
     continuous_usage: bool = False  # usage (so far) in every streamed chunk
+    extras: "GenerationExtras" = field(default_factory=lambda: GenerationExtras())
+    keep_n: int | None = None  # best_of > n: params.n is best_of, the response keeps the keep_n most likely
+
+
+@dataclass
+class GenerationExtras:
+    """vLLM-style fields both generation endpoints take, applied by the handler once it has the tokenizer."""
+
+    ignored_fields: list[str] = field(default_factory=list)  # accepted, not acted on (X-Ignored-Fields)
+    add_special_tokens: bool | None = None  # None: the endpoint's default (completions yes, chat no)
+    truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
+    bad_words: list[str] = field(default_factory=list)
+    request_id: str | None = None  # the client's id, used as the response id
+    structured: StructuredOutput | None = None
+    structured_param: str | None = None  # the field the constraint came from (for error messages)
 
 
 @dataclass
@@ -94,6 +107,11 @@ class ChatRequest:
     add_generation_prompt: bool = True
     continuous_usage: bool = False  # usage (so far) in every streamed chunk
     chat_template_kwargs: dict | None = None  # extra template variables, e.g. {"enable_thinking": false}
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = True
+    continue_final_message: bool = False  # render the last (assistant) message open, to be continued
+    chat_template: str | None = None  # a template for this request instead of the model's
+    extras: GenerationExtras = field(default_factory=GenerationExtras)
 
 
 @dataclass
@@ -105,6 +123,10 @@ class TokenizeRequest:
     add_generation_prompt: bool = True
     tools: list[dict] | None = None
     chat_template_kwargs: dict | None = None
+    chat_template: str | None = None
+    continue_final_message: bool = False
+    return_token_strs: bool = False  # also the text of each token (vLLM's field)
+    ignored_fields: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -177,10 +199,48 @@ def _get_stream(body: dict) -> tuple[bool, bool, bool]:
     return stream, include_usage, continuous
 
 
-def _check_logit_bias(body: dict) -> None:
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's logit_bias: token ids as JSON object keys (strings) -> a bias in [-100, 100]."""
     bias = _get(body, "logit_bias", dict, None, "an object")
-    if bias:
-        raise bad_request("logit_bias", "'logit_bias' is not supported by this server; remove it.")
+    if not bias:
+        return None
+    parsed = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.isdigit() else None
+        if token is None or token > MAX_TOKEN_ID:
+            raise bad_request("logit_bias", f"'logit_bias' keys must be token ids, got {_short(key)}.")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not -100 <= value <= 100:
+            raise bad_request("logit_bias", f"'logit_bias' values must be numbers in [-100, 100], got {_short(value)}.")
+        parsed[token] = float(value)
+    return parsed
+
+
+def _extras(body: dict, ignored: list[str]) -> GenerationExtras:
+    """The vLLM extension fields shared by both endpoints, type-checked."""
+    bad_words = _get(body, "bad_words", list, [], "an array of strings")
+    if not all(isinstance(w, str) and w for w in bad_words):
+        raise bad_request("bad_words", "'bad_words' must be an array of non-empty strings.")
+    truncate = _positive_int_or_none(body, "truncate_prompt_tokens")
+    if truncate is not None and (truncate < -1 or truncate == 0):
+        raise bad_request("truncate_prompt_tokens", "'truncate_prompt_tokens' must be a positive number of "
+                          "tokens, or -1 for the context length.")
+    constraint, constraint_param = structured_output(body)
+    return GenerationExtras(
+        ignored_fields=ignored,
+        add_special_tokens=_get(body, "add_special_tokens", bool, None, "a boolean"),
+        truncate_prompt_tokens=truncate,
+        bad_words=list(bad_words),
+        request_id=_get(body, "request_id", str, None, "a string"),
+        structured=constraint,
+        structured_param=constraint_param,
+    )
+
+
+def _allowed_token_ids(body: dict) -> list[int] | None:
+    ids = _get(body, "allowed_token_ids", list, None, "an array of token ids")
+    if ids is not None and (not ids or not all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in ids)):
+        raise bad_request("allowed_token_ids", "'allowed_token_ids' must be a non-empty array of token ids.")
+    return ids
 
 
 def _sampling_params(body: dict, max_tokens: int | None, max_tokens_name: str, logprobs: int | None,
@@ -195,7 +255,8 @@ def _sampling_params(body: dict, max_tokens: int | None, max_tokens_name: str, l
         kwargs["top_k"] = 0  # vLLM spelling of "disabled"
     _check_bounds(kwargs)
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, logit_bias=_logit_bias(body),
+                              allowed_token_ids=_allowed_token_ids(body), **kwargs)
     except InvalidParameter as error:
         param = {"max_tokens": max_tokens_name, "logprobs": logprobs_name}.get(error.param, error.param)
         raise bad_request(param, f"'{param}' {error.message}.") from None
@@ -235,12 +296,11 @@ def _positive_int_or_none(body: dict, name: str) -> int | None:
 
 
 # ---------------------------------------------------------------------- /v1/completions
-def parse_completion_request(body: Any) -> CompletionRequest:
+def parse_completion_request(body: Any, strict: bool = False) -> CompletionRequest:
     body = expect_object(body)
-    _reject_unknown(body, COMPLETION_FIELDS)
+    ignored = unknown_fields(body, COMPLETION_FIELDS, strict)
     model = _get_model(body)
     stream, include_usage, continuous_usage = _get_stream(body)
-    _check_logit_bias(body)
     prompts = _parse_prompts(body.get("prompt"))
     if _get(body, "suffix", str, None, "a string"):
         raise bad_request("suffix", "'suffix' is not supported by this server.")
@@ -253,12 +313,28 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     max_tokens = _positive_int_or_none(body, "max_tokens")
     params = _sampling_params(body, 16 if max_tokens is None else max_tokens, "max_tokens", logprobs, "logprobs")
     best_of = _positive_int_or_none(body, "best_of")
-    if best_of is not None and best_of != params.n:
-        raise bad_request("best_of", "'best_of' other than 'n' is not supported; set best_of = n or leave it out.")
-    if params.n * len(prompts) > MAX_CHOICES_PER_REQUEST:
+    if best_of is not None and best_of < params.n:
+        raise bad_request("best_of", f"'best_of' must be at least 'n' ({params.n}), got {best_of}.")
+    if best_of is not None and best_of > params.n:
+        if stream:
+            raise bad_request("best_of", "'best_of' greater than 'n' cannot be streamed: the best choices are "
+                              "known only at the end.")
+        # the engine samples best_of choices with their logprobs; the response keeps the n most likely
+        user_n, params.n = params.n, best_of
+        if params.logprobs is None:
+            params.logprobs = 0
+        _check_choice_count(params.n, len(prompts))
+        return CompletionRequest(model, prompts, params, stream, include_usage, echo, logprobs, continuous_usage,
+                                 _extras(body, ignored), keep_n=user_n)
+    _check_choice_count(params.n, len(prompts))
+    return CompletionRequest(model, prompts, params, stream, include_usage, echo, logprobs, continuous_usage,
+                             _extras(body, ignored))
+
+
+def _check_choice_count(n: int, num_prompts: int) -> None:
+    if n * num_prompts > MAX_CHOICES_PER_REQUEST:
         raise bad_request("n", f"n * (number of prompts) must be at most {MAX_CHOICES_PER_REQUEST}, got "
-                          f"{params.n} * {len(prompts)}.")
-    return CompletionRequest(model, prompts, params, stream, include_usage, echo, logprobs, continuous_usage)
+                          f"{n} * {num_prompts}.")
 
 
 def _parse_prompts(prompt: Any) -> list[str | list[int]]:
@@ -292,17 +368,15 @@ def _token_ids(ids: list, param: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------- /v1/chat/completions
-def parse_chat_request(body: Any) -> ChatRequest:
+def parse_chat_request(body: Any, strict: bool = False) -> ChatRequest:
     body = expect_object(body)
-    _reject_unknown(body, CHAT_FIELDS)
+    ignored = unknown_fields(body, CHAT_FIELDS, strict)
     model = _get_model(body)
     stream, include_usage, continuous_usage = _get_stream(body)
-    _check_logit_bias(body)
     messages = parse_messages(body.get("messages"))
-    tools = _get(body, "tools", list, None, "an array")
-    response_format = _get(body, "response_format", dict, None, "an object")
-    if response_format is not None and response_format.get("type") not in (None, "text"):
-        raise bad_request("response_format", "only response_format {\"type\": \"text\"} is supported.")
+    tools = parse_tools(body.get("tools"))
+    tool_choice = parse_tool_choice(body.get("tool_choice"), tools)
+    parallel_tool_calls = _get(body, "parallel_tool_calls", bool, True, "a boolean")
     logprobs = _get(body, "logprobs", bool, False, "a boolean")
     top_logprobs = _positive_int_or_none(body, "top_logprobs")
     if top_logprobs is not None:
@@ -315,9 +389,26 @@ def parse_chat_request(body: Any) -> ChatRequest:
     max_tokens = _positive_int_or_none(body, max_name)
     params = _sampling_params(body, max_tokens, max_name, (top_logprobs or 0) if logprobs else None, "top_logprobs")
     add_generation_prompt = _get(body, "add_generation_prompt", bool, True, "a boolean")
-    template_kwargs = _get(body, "chat_template_kwargs", dict, None, "an object")
+    continue_final = _get(body, "continue_final_message", bool, False, "a boolean")
+    if continue_final:
+        if body.get("add_generation_prompt"):
+            raise bad_request("continue_final_message", "'continue_final_message' and 'add_generation_prompt' "
+                              "cannot both be true: continue the last message or start a new one.")
+        if messages[-1]["role"] != "assistant":
+            raise bad_request("continue_final_message", "'continue_final_message' needs the last message to be "
+                              "the assistant's.")
+        add_generation_prompt = False
+    template_kwargs = dict(_get(body, "chat_template_kwargs", dict, {}, "an object"))
+    documents = _get(body, "documents", list, None, "an array of objects")
+    if documents is not None:
+        template_kwargs["documents"] = documents
+    extras = _extras(body, ignored)
+    if extras.structured is not None and tool_choice.mode in ("required", "named"):
+        raise bad_request(extras.structured_param, f"'{extras.structured_param}' cannot be combined with "
+                          f"tool_choice {tool_choice.mode!r}: the call's arguments already follow the tool's schema.")
     return ChatRequest(model, messages, params, stream, include_usage, logprobs, top_logprobs or 0, tools,
-                       add_generation_prompt, continuous_usage, template_kwargs)
+                       add_generation_prompt, continuous_usage, template_kwargs or None, tool_choice,
+                       parallel_tool_calls, continue_final, _get(body, "chat_template", str, None, "a string"), extras)
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -359,10 +450,13 @@ def _flatten_parts(parts: list, where: str) -> str:
 
 
 # ---------------------------------------------------------------------- /tokenize, /detokenize
-def parse_tokenize_request(body: Any) -> TokenizeRequest:
+TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "tools",
+                   "chat_template", "chat_template_kwargs", "continue_final_message", "return_token_strs"}
+
+
+def parse_tokenize_request(body: Any, strict: bool = False) -> TokenizeRequest:
     body = expect_object(body)
-    _reject_unknown(body, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "tools",
-                           "chat_template_kwargs"})
+    ignored = unknown_fields(body, TOKENIZE_FIELDS, strict)
     model = _get_model(body)
     prompt = _get(body, "prompt", str, None, "a string")
     messages = parse_messages(body["messages"]) if body.get("messages") is not None else None
@@ -376,6 +470,10 @@ def parse_tokenize_request(body: Any) -> TokenizeRequest:
         add_generation_prompt=_get(body, "add_generation_prompt", bool, True, "a boolean"),
         tools=_get(body, "tools", list, None, "an array"),
         chat_template_kwargs=_get(body, "chat_template_kwargs", dict, None, "an object"),
+        chat_template=_get(body, "chat_template", str, None, "a string"),
+        continue_final_message=_get(body, "continue_final_message", bool, False, "a boolean"),
+        return_token_strs=_get(body, "return_token_strs", bool, False, "a boolean"),
+        ignored_fields=ignored,
     )
 
 

@@ -20,6 +20,8 @@ from worker.config import EngineConfig
 from worker.server.app import ServerLimits, build_app
 from worker.server.connection_guard import GuardedSite, connection_limit
 from worker.server.context import ServerContext
+from worker.server.drop_in import DropInOptions
+from worker.server.drop_in import configure as configure_drop_in
 from worker.server.engine_client import EngineClient, EngineStartError
 from worker.server.engine_process import DEFAULT_ENGINE_FACTORY
 
@@ -50,6 +52,7 @@ class ServeOptions:
     max_connections: int = 0
     max_active_requests: int | None = None
     max_generated_tokens: int | None = None  # n * max_tokens bound; None: worker.server.limits' default
+    drop_in: DropInOptions = field(default_factory=DropInOptions)
 
 
 def load_tokenizer(model_path: str):
@@ -100,6 +103,7 @@ async def serve(options: ServeOptions) -> int:
     ctx = ServerContext(options.config, client, tokenizer, info.model_name, info.max_model_len,
                         options.served_model_names or None, **limit_kwargs)
     ctx.default_max_tokens = options.default_max_tokens
+    configure_drop_in(ctx, options.drop_in, info.model_path)
     # handler_cancellation: a client that disconnects cancels its handler, whose cleanup aborts the
     # request in the engine and frees its KV (streaming responses also notice on their next write).
     # keepalive_timeout is also aiohttp's timer from a connection's opening to its first complete

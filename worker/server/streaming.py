@@ -22,11 +22,12 @@ def json_response(obj, status: int = 200) -> web.Response:
 class SSEWriter:
     """Writes SSE events to one client. Several events passed together leave in one write."""
 
-    def __init__(self, request: web.Request):
+    def __init__(self, request: web.Request, headers: dict[str, str] | None = None):
         self._request = request
         self._response = web.StreamResponse(
             status=200,
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                     **(headers or {})},
         )
 
     async def prepare(self) -> None:
