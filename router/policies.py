@@ -12,11 +12,19 @@ cache_aware, the default, in order:
    thresholds and left only below half of them: hysteresis) -> least loaded (longest match breaks ties).
 3. Best predicted match ratio below cache_threshold -> a cache miss: least loaded, ties broken by the
    fewest requests ever sent, so misses never herd onto one worker.
-4. Otherwise every worker is scored `saved prefill tokens - queue it joins` (queue: outstanding
-   uncached prompt tokens + request_cost_tokens per in-flight request). A worker holding a shared
-   system prompt wins only while the prefill it saves is worth more than its extra queue, and equally
-   good matches go to the least loaded. This is the failure SGLang-router users report (one worker
-   holding the shared system prompt takes all traffic until a 64-request gap opens), avoided.
+4. Otherwise the request goes to the worker where it costs least: the queue it joins, plus the
+   prompt tokens it must prefill there, plus the cached tokens a new copy would evict there
+   (router/placement.py has the arithmetic and why). A worker holding a shared system prompt wins
+   only while the prefill it saves is worth more than its extra queue, and equally good matches go to
+   the least loaded. This is the failure SGLang-router users report (one worker holding the shared
+   system prompt takes all traffic until a 64-request gap opens), avoided; and under eviction
+   pressure a copy elsewhere is made only when the holder's queue is worth the copy and what it evicts.
+5. Warm-up: a worker that joined (or restarted) under traffic and is still short of its share takes
+   the requests whose chosen worker is busier than the mean ("warm"; router/placement.py WarmUp).
+
+Reasons (the `reason` label of radixfleet_router_routing_decisions_total): session, imbalance,
+cache_miss, cache_hit (the longest match won), load_over_cache (a shorter match won on cost: a new
+copy of a hot prefix), warm, only_worker.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import Sequence
 
 import xxhash
 
+from router.placement import DEFAULT_EVICT_WEIGHT, WarmUp, placement_costs
 from router.sessions import SessionTable
 from router.worker_pool import WorkerState
 
@@ -49,7 +58,7 @@ class RouteRequest:
     hashes: list[int]  # chunk-prefix names of the routing text (router.tree.chunk_hashes)
     text_chars: int
     session_key: str | None = None
-    chars_per_token: float = 4.0
+    chars_per_token: float = 4.0  # the configured default; placement uses each worker's measured figure
 
 
 @dataclass(slots=True)
@@ -232,13 +241,19 @@ class CacheAware(Policy):
         balance_rel: float = DEFAULT_BALANCE_REL,
         request_cost_tokens: float = DEFAULT_REQUEST_COST_TOKENS,
         sessions: SessionTable | None = None,
+        evict_weight: float = DEFAULT_EVICT_WEIGHT,
+        warm_up: WarmUp | None = None,
     ) -> None:
         if not 0.0 <= cache_threshold <= 1.0:
             raise ValueError(f"cache_threshold must be in [0, 1], got {cache_threshold}")
         if request_cost_tokens < 0:
             raise ValueError("request_cost_tokens must be >= 0")
         self.cache_threshold = cache_threshold
+        if evict_weight < 0:
+            raise ValueError("evict_weight must be >= 0")
         self.request_cost_tokens = request_cost_tokens
+        self.evict_weight = evict_weight
+        self.warm_up = warm_up if warm_up is not None else WarmUp()
         self.watermarks = Watermarks(balance_abs, balance_rel)
         self.sessions = sessions
         self._rotation = 0
@@ -256,6 +271,7 @@ class CacheAware(Policy):
         if not workers:
             raise NoWorkerAvailable
         self._rotation += 1
+        coldest = self.warm_up.tick(workers)
         loads = [w.load for w in workers]  # read once: `load` is a property
         min_load = min(loads)
         imbalanced = self.watermarks.update_range(min_load, max(loads))
@@ -274,10 +290,20 @@ class CacheAware(Policy):
                         break
         if chosen is None:
             chosen = self._choose_by_cache_and_load(workers, loads, min_load, request, imbalanced)
+            if coldest is not None and chosen[0] is not coldest:
+                chosen = self._warm(workers, loads, coldest, chosen, request)
         worker, reason, match_chars = chosen
         if sessions is not None and key:
             sessions.pin(key, worker.url)  # a new pin, or the old one's expiry refreshed
         return Decision(worker, reason, match_chars, min(1.0, match_chars / max(request.text_chars, 1)))
+
+    @staticmethod
+    def _warm(workers, loads, coldest, chosen, request) -> tuple[WorkerState, str, int]:
+        """Move the request to the worker warming up if its chosen worker is at least as busy as the mean."""
+        i = workers.index(chosen[0])
+        if loads[i] * len(loads) < sum(loads) or not loads[i]:
+            return chosen
+        return coldest, "warm", coldest.tree.match_chars(request.hashes)
 
     def _choose_by_cache_and_load(self, workers, loads, min_load, request,
                                   imbalanced) -> tuple[WorkerState, str, int]:
@@ -296,19 +322,16 @@ class CacheAware(Policy):
             return workers[best_i], "imbalance", matches[best_i]
 
         best_match = max(matches)
+        costs = placement_costs(workers, loads, matches, request.text_chars, self.request_cost_tokens,
+                                self.evict_weight)
         if best_match / max(request.text_chars, 1) < self.cache_threshold:
-            w = _least_loaded(workers, rotation)
-            return w, "cache_miss", matches[workers.index(w)]
-
-        # Score: prefill tokens the match saves minus the queue the request would join there
-        # (outstanding uncached prompt tokens + request_cost_tokens per in-flight request).
-        per_token = 1.0 / request.chars_per_token
-        cost = self.request_cost_tokens
+            # A miss: the least loaded, and among those the one where the copy evicts least.
+            best_i = min(range(n), key=lambda i: (loads[i], costs[i], workers[i].processed, (i - rotation) % n))
+            return workers[best_i], "cache_miss", matches[best_i]
         best_i = 0
         best_key = None
-        for i, w in enumerate(workers):
-            score = matches[i] * per_token - w.outstanding_tokens - cost * loads[i]
-            key = (-score, loads[i], w.processed, (i - rotation) % n)
+        for i, cost in enumerate(costs):
+            key = (cost, loads[i], workers[i].processed, (i - rotation) % n)
             if best_key is None or key < best_key:
                 best_i, best_key = i, key
         chars = matches[best_i]

@@ -45,11 +45,12 @@ from router.upstream import (
     UpstreamPool,
     UpstreamResponse,
 )
+from router.usage import prompt_tokens_in
 from worker.contracts import SSE_DONE, error_json, sse_error_event
 
 if TYPE_CHECKING:  # pragma: no cover
     from router.app import RouterState
-    from router.worker_pool import WorkerState
+    from router.worker_pool import PendingPrefill, WorkerState
 
 log = logging.getLogger("radixfleet.router.proxy")
 
@@ -121,10 +122,11 @@ def _error_answer_failure(relay: _Relay) -> _AttemptFailed | None:
 class _Timing:
     """What an attempt needs to account for its first byte."""
 
-    uncached: int  # estimated prompt tokens the worker must prefill (its outstanding_tokens share)
+    pending: "PendingPrefill"  # the prompt tokens the worker must prefill (its outstanding_tokens share)
     endpoint: str
     started: float
     first_byte: bool = False  # on_first_byte ran: the outstanding share is given back already
+    text_chars: int = 0  # routing characters, set against the worker's usage.prompt_tokens
 
 
 def release_attempt(worker: "WorkerState", timing: _Timing) -> None:
@@ -132,9 +134,7 @@ def release_attempt(worker: "WorkerState", timing: _Timing) -> None:
 
     The one place that undoes `worker.on_dispatch`: a placement change to the load signals changes this
     function and `Proxy._first_byte`, nothing else in the proxy."""
-    if not timing.first_byte:
-        worker.on_first_byte(timing.uncached)
-    worker.on_finish()
+    worker.on_finish(timing.pending)  # also gives back a prefill share not released yet
 
 
 class Proxy:
@@ -182,9 +182,9 @@ class Proxy:
             self._record_decision(decision, route, endpoint)
             if tried:
                 metrics.retries += 1
-            uncached = max(0, int((route.text_chars - decision.match_chars) / route.chars_per_token))
-            worker.on_dispatch(uncached)
-            timing = _Timing(uncached, endpoint, started)
+            pending = worker.on_dispatch(worker.uncached_tokens(route.text_chars, decision.match_chars),
+                                         stream, route.text_chars)
+            timing = _Timing(pending, endpoint, started, text_chars=route.text_chars)
             try:
                 return await self._attempt(request, worker, path, raw, headers, stream, timing)
             except _AttemptFailed as failure:
@@ -233,7 +233,7 @@ class Proxy:
 
     def _first_byte(self, worker: "WorkerState", timing: "_Timing") -> None:
         """The worker answered: its prompt is prefilled, it is healthy, and the client's wait is known."""
-        worker.on_first_byte(timing.uncached)
+        worker.on_first_byte(timing.pending)
         timing.first_byte = True
         worker.breaker.record_success()
         self.state.metrics.first_byte[timing.endpoint].observe(time.monotonic() - timing.started)
@@ -264,6 +264,7 @@ class Proxy:
                 except UpstreamError as exc:
                     raise _failure_of(exc, "while reading the answer") from None
                 self._first_byte(worker, timing)
+                self._usage(worker, timing, body)
                 response = web.Response(status=status, body=body)
                 response.headers["Content-Type"] = content_type
                 response.headers[WORKER_HEADER] = worker.worker_id
@@ -273,6 +274,12 @@ class Proxy:
         finally:
             if not upstream.done:  # failed, cancelled (client left) or abandoned: the worker must stop
                 upstream.close()
+
+    @staticmethod
+    def _usage(worker: "WorkerState", timing: "_Timing", data: bytes) -> None:
+        tokens = prompt_tokens_in(data)
+        if tokens:
+            worker.on_prompt_tokens(timing.text_chars, tokens)
 
     @staticmethod
     async def _read_error_answer(upstream: UpstreamResponse, content_type: str) -> _Relay:
@@ -327,6 +334,8 @@ class Proxy:
                 break
             if not chunk:
                 break
+            if b'"prompt_tokens"' in chunk:  # the usage event (stream_options.include_usage)
+                self._usage(worker, timing, chunk)
             try:
                 await response.write(chunk)
             except (ConnectionError, aiohttp.ClientError):

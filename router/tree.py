@@ -154,6 +154,21 @@ class PrefixTree:
         self.capacity_tokens = capacity_tokens
         self._evict_to(self.max_chunks)
 
+    def set_chars_per_token(self, chars_per_token: float) -> None:
+        """Follow a measured characters-per-token figure (the tree's bound is in the worker's tokens)."""
+        if chars_per_token <= 0:
+            raise ValueError(f"chars_per_token must be positive, got {chars_per_token}")
+        self.tokens_per_chunk = self.chunk_chars / chars_per_token
+        self._evict_to(self.max_chunks)
+
+    @property
+    def chars_per_token(self) -> float:
+        return self.chunk_chars / self.tokens_per_chunk
+
+    def tokens_free(self) -> float:
+        """Estimated KV tokens the worker holds free or could take without evicting anything we know of."""
+        return self.capacity_tokens - len(self._nodes) * self.tokens_per_chunk
+
     def clear(self) -> None:
         """Forget everything (the worker restarted or its cache was flushed)."""
         self._nodes.clear()

@@ -19,6 +19,9 @@ PUBLISHED = {
     "radixfleet_router_tree_evicted_chunks": "counter", "radixfleet_router_workers": "gauge",
     "radixfleet_router_sessions": "gauge", "radixfleet_router_upstream_connections_opened": "counter",
     "radixfleet_router_draining": "gauge",
+    # issue 11: load signals and the measured characters per token, per worker
+    "radixfleet_router_worker_prefilling": "gauge", "radixfleet_router_worker_decoding": "gauge",
+    "radixfleet_router_worker_chars_per_token": "gauge", "radixfleet_router_worker_restarts": "counter",
 }
 
 
