@@ -61,10 +61,11 @@ _RELAYED_HEADERS = {"retry-after": "Retry-After", "x-request-id": "X-Request-ID"
 _SUCCESS_HEADERS = {"x-ignored-fields": "X-Ignored-Fields"}
 
 
-def _copy_success_headers(upstream: UpstreamResponse, response: web.StreamResponse) -> None:
-    for name, out in _SUCCESS_HEADERS.items():
-        if name in upstream.headers:
-            response.headers[out] = upstream.headers[name]
+def _kept_headers(upstream: UpstreamResponse, table: dict[str, str]) -> dict[str, str]:
+    """The worker's headers named in `table` (lower-case upstream name -> name as sent on)."""
+    return {out: upstream.headers[name] for name, out in table.items() if name in upstream.headers}
+
+
 NO_WORKER_RETRY_AFTER_S = 1  # what a client is told to wait when no worker is routable
 
 
@@ -268,7 +269,7 @@ class Proxy:
                 response = web.Response(status=status, body=body)
                 response.headers["Content-Type"] = content_type
                 response.headers[WORKER_HEADER] = worker.worker_id
-                _copy_success_headers(upstream, response)
+                response.headers.update(_kept_headers(upstream, _SUCCESS_HEADERS))
                 return response
             return await self._pipe_stream(request, worker, upstream, content_type, timing)
         finally:
@@ -287,8 +288,7 @@ class Proxy:
             body = await upstream.read()
         except UpstreamError:
             body, content_type = error_json(f"worker answered {upstream.status}", "server_error"), "application/json"
-        kept = {out: upstream.headers[name] for name, out in _RELAYED_HEADERS.items() if name in upstream.headers}
-        return _Relay(upstream.status, body, content_type.split(";")[0], kept)
+        return _Relay(upstream.status, body, content_type.split(";")[0], _kept_headers(upstream, _RELAYED_HEADERS))
 
     @staticmethod
     def _relayed(relay: _Relay, worker: "WorkerState | None") -> web.Response:
@@ -314,7 +314,7 @@ class Proxy:
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
         response.headers[WORKER_HEADER] = worker.worker_id
-        _copy_success_headers(upstream, response)
+        response.headers.update(_kept_headers(upstream, _SUCCESS_HEADERS))
         try:
             await response.prepare(request)
             await response.write(first)
