@@ -167,6 +167,7 @@ def _tiny_app_answer(handler_body, request_headers: dict, data: bytes):
     from aiohttp import web
 
     from router.request_parsing import BadRequest
+    from helpers_http import serve
     from router.responses import json_error
 
     async def handler(request):
@@ -178,14 +179,10 @@ def _tiny_app_answer(handler_body, request_headers: dict, data: bytes):
     async def main():
         app = web.Application(client_max_size=1024)
         app.router.add_post("/", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        runner, base = await serve(app)
         try:
             async with aiohttp.ClientSession(auto_decompress=False) as session:
-                async with session.post(f"http://127.0.0.1:{port}/", data=data, headers=request_headers,
+                async with session.post(f"{base}/", data=data, headers=request_headers,
                                         skip_auto_headers=["Content-Type"]) as response:
                     return response.status, await response.json(content_type=None)
         finally:

@@ -8,6 +8,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
+from helpers_http import serve
 from worker.server.request_id import HEADER, request_id_middleware
 
 log = logging.getLogger("radixfleet.worker.test")
@@ -34,14 +35,10 @@ def exchange(headers: dict[str, str], path: str = "/x") -> tuple[int, str, list[
         app = web.Application(middlewares=[request_id_middleware])
         app.router.add_get("/x", logging_handler)
         app.router.add_get("/missing", missing_handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        runner, base = await serve(app)
         try:
             async with aiohttp.ClientSession() as session:
-                async with session.get(f"http://127.0.0.1:{port}{path}", headers=headers) as response:
+                async with session.get(f"{base}{path}", headers=headers) as response:
                     return response.status, response.headers.get(HEADER)
         finally:
             await runner.cleanup()

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from bench.standin_worker import StandinWorker
+from helpers_http import serve
 from router.app import build_app
 from router.cli import add_arguments as add_router_arguments, config_from_args
 from router.config import RouterConfig
@@ -75,15 +76,6 @@ def access_lines():
     access_logger.addHandler(handler)
     yield lines
     access_logger.removeHandler(handler)
-
-
-async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    """Serve `app` on a free loopback port: (its runner, to clean up; its base URL)."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
 
 
 async def _with_router(scenario, workers: int = 1, **options):

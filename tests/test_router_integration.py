@@ -23,7 +23,6 @@ from pathlib import Path
 
 import openai
 import pytest
-from aiohttp import web
 
 from router.app import STATE_KEY, build_app, drain, make_runner, make_site
 from router.config import RouterConfig
