@@ -19,7 +19,7 @@ BENCHMARKS = {
     "tree": ("bench.tree_bench", "router tree lookup cost and memory at 100k+ prompts"),
     "calibrate": ("bench.calibrate", "fit the sim executor's step-time cost model from real engine steps (GPU)"),
     "kernels": ("bench.kernel_bench", "Triton attention kernels against torch (GPU)"),
-    "vs-vllm": ("bench.vs_vllm", "radixfleet and vLLM offline on the same checkpoint and workload (GPU)"),
+    "vs-vllm": ("bench.vs_vllm", "radixfleet and vLLM on the same checkpoint and workload, offline and served (GPU)"),
     "fuzz": ("bench.fuzz_soak", "fuzzed request bodies at a worker and the router: statuses, 5xx, slow, RSS"),
     "overload": ("bench.overload_soak", "10x overload, a SIGSTOPped worker and a soak through the router: lost, RSS"),
 }

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     work = json.load(open(args.workload))
-    options = work["engine_options"][args.engine]
+    options = work["engine_options"].get(args.label, work["engine_options"][args.engine])  # a variant's own
     runner_class = RadixfleetRunner if args.engine == "radixfleet" else VllmRunner
     print(f"[{args.label}] starting {args.engine} on {work['model']} with {options}", flush=True)
     t0 = time.perf_counter()

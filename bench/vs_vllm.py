@@ -1,4 +1,6 @@
-"""`radixfleet bench vs-vllm`: radixfleet and vLLM offline, side by side, same checkpoint, same workload.
+"""`radixfleet bench vs-vllm`: radixfleet and vLLM side by side, same checkpoint, same workload, one command.
+
+Two modes (`--modes offline,served`, either or both). Offline:
 
 The workload is nano-vllm's bench.py protocol: N sequences, prompt token ids random in [0, 10000),
 prompt and output lengths uniform in [min-len, max-len], ignore_eos, one warm-up request, output tokens
@@ -12,8 +14,20 @@ workload file, one after the other on the same GPU. `--engines` names what runs:
   radixfleet@DIR      another source tree (e.g. `git archive` of an older commit): before/after in one run
   vllm                vLLM, imported from --vllm-path (kept off our PYTHONPATH: our `kernels` package
                       would shadow a name vLLM may import)
+Any of them may carry its own settings in brackets, one variant per entry, e.g.
+`--engines "vllm,radixfleet,radixfleet[--max-num-batched-tokens 8192]"`: served, they are server flags;
+offline, `--name value` becomes the engine's keyword `name=value` (numbers parsed, `--no-name` is False).
 
-Writes <out>/vs_vllm_<model>.json and .png, and prints the table with every setting beside it.
+Served (bench/vs_vllm_served.py): each engine as an OpenAI server in turn, the same streamed doc-QA chat
+stream (768 requests, 64 in flight, 48 shared ~3.5k-token documents, Zipf 0.8, 32 tokens); req/s, TTFT
+p50/p90/p99, ITL and start-up time.
+
+Writes <out>/vs_vllm_<model>.json and .png (served: vs_vllm_served_<model>.*), and prints the tables
+with every setting beside them. On the GPU machine (vLLM installed under /tmp/vsite, see
+../shared/gpu-peers/HOWTO.md):
+
+    radixfleet bench vs-vllm --model /tmp/ckpt/llama3-8b-seed0-gpu --modes offline,served \
+        --vllm-path /tmp/vsite:/tmp/vsite/nvidia_cutlass_dsl/dsl_packages --out bench/reports
 """
 
 from __future__ import annotations
@@ -22,12 +36,15 @@ import argparse
 import json
 import os
 import random
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.plotting import bar_panels, print_table, write_report
+from bench.vs_vllm_served import add_served_arguments, run_engine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "offline_child.py"
@@ -36,8 +53,10 @@ CHILD = Path(__file__).resolve().parent / "offline_child.py"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="llama3-8b", help="built-in preset or a checkpoint folder")
     parser.add_argument("--checkpoint-dir", default=None, help="where preset checkpoints are written")
+    parser.add_argument("--modes", default="offline", help="comma-separated: offline, served")
     parser.add_argument("--engines", default="vllm,radixfleet",
-                        help="comma-separated: radixfleet, radixfleet@DIR (another source tree), vllm")
+                        help="comma-separated: radixfleet, radixfleet@DIR (another source tree), vllm; "
+                             "each may carry settings in brackets: radixfleet[--max-num-batched-tokens 8192]")
     parser.add_argument("--vllm-path", default=os.environ.get("VLLM_PYTHONPATH", "/tmp/vsite"),
                         help="PYTHONPATH entries for vLLM (colon-separated)")
     parser.add_argument("--sampling", default="t0.6,greedy", help="comma-separated: greedy, tX (temperature X)")
@@ -57,6 +76,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="both engines' step token budget (default: each engine's own default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results")
+    add_served_arguments(parser)
+
+
+ENGINE_SPEC = re.compile(r"\s*([^,\[\]]+?)\s*(?:\[([^\]]*)\])?\s*(?:,|$)")
+
+
+def parse_engines(text: str) -> list[tuple[str, str, Path, list[str]]]:
+    """'vllm,radixfleet[--x 1],radixfleet@DIR' -> [(label, engine, source tree, flags)]."""
+    specs, position = [], 0
+    while position < len(text.rstrip()):
+        match = ENGINE_SPEC.match(text, position)
+        if not match or match.end() == position:
+            raise SystemExit(f"--engines: cannot read {text[position:]!r} (e.g. vllm,radixfleet[--flag value])")
+        position = match.end()
+        name, flags = match.group(1), shlex.split(match.group(2) or "")
+        label = name + (f"[{match.group(2).strip()}]" if flags else "")
+        if name == "vllm":
+            specs.append((label, "vllm", REPO_ROOT, flags))
+        elif name == "radixfleet" or name.startswith("radixfleet@"):
+            tree = Path(name.split("@", 1)[1]).resolve() if "@" in name else REPO_ROOT
+            if not (tree / "worker").is_dir():
+                raise SystemExit(f"--engines {name}: {tree} holds no radixfleet source tree (no worker/ folder)")
+            specs.append((label, "radixfleet", tree, flags))
+        else:
+            raise SystemExit(f"--engines: unknown engine {name!r} (radixfleet, radixfleet@DIR, vllm)")
+    return specs
+
+
+def flags_as_options(flags: list[str]) -> dict:
+    """['--max-num-batched-tokens', '8192', '--no-enforce-eager'] -> {'max_num_batched_tokens': 8192, ...}."""
+    options, i = {}, 0
+    while i < len(flags):
+        if not flags[i].startswith("--"):
+            raise SystemExit(f"--engines: expected a --flag in brackets, got {flags[i]!r}")
+        name = flags[i][2:].replace("-", "_")
+        if i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+            options[name], i = _number_or_text(flags[i + 1]), i + 2
+        else:
+            options[name.removeprefix("no_")], i = not name.startswith("no_"), i + 1
+    return options
+
+
+def _number_or_text(value: str):
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _workload(args, vocab: int) -> dict:
@@ -84,23 +152,19 @@ def _engine_options(args) -> dict:
     return {"radixfleet": ours, "vllm": theirs}
 
 
-def _child_command(spec: str, args, workload_path: Path, out_path: Path) -> tuple[list[str], dict, str]:
+def _child_command(spec: tuple, args, workload_path: Path, out_path: Path) -> tuple[list[str], dict, str]:
+    label, engine, tree, _flags = spec
     env = dict(os.environ)
-    if spec == "vllm":
+    if engine == "vllm":
         env["PYTHONPATH"] = args.vllm_path
         env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         env.setdefault("HF_HUB_OFFLINE", "1")
-        engine, cwd = "vllm", tempfile.gettempdir()
-    elif spec == "radixfleet" or spec.startswith("radixfleet@"):
-        tree = Path(spec.split("@", 1)[1]).resolve() if "@" in spec else REPO_ROOT
-        if not (tree / "worker").is_dir():
-            raise SystemExit(f"--engines {spec}: {tree} holds no radixfleet source tree (no worker/ folder)")
+        cwd = tempfile.gettempdir()
+    else:
         # the tree first; whatever PYTHONPATH already holds (e.g. wheels for missing packages) after it
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
-        engine, cwd = "radixfleet", str(tree)
-    else:
-        raise SystemExit(f"--engines: unknown engine {spec!r} (radixfleet, radixfleet@DIR, vllm)")
-    command = [sys.executable, str(CHILD), "--engine", engine, "--label", spec,
+        cwd = str(tree)
+    command = [sys.executable, str(CHILD), "--engine", engine, "--label", label,
                "--workload", str(workload_path), "--out", str(out_path)]
     return command, env, cwd
 
@@ -116,11 +180,23 @@ def _gpu_name() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from bench.engine_bench import resolve_checkpoint
+
+    engines = parse_engines(args.engines)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - {"offline", "served"})
+    if unknown or not modes:
+        raise SystemExit(f"--modes: unknown {', '.join(unknown) or 'empty'} (offline, served)")
+    folder = resolve_checkpoint(args.model, args.checkpoint_dir)
+    code = run_offline(args, engines, folder) if "offline" in modes else 0
+    if "served" in modes:
+        code = max(code, run_served(args, engines, folder))
+    return code
+
+
+def run_offline(args, engines: list[tuple], folder: Path) -> int:
     from worker.models.config import ModelConfig
 
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     sampling = [s.strip() for s in args.sampling.split(",") if s.strip()]
-    folder = resolve_checkpoint(args.model, args.checkpoint_dir)
     vocab = ModelConfig.from_folder(folder).vocab_size
     work = {"model": str(folder), "vocab": vocab, "seed": args.seed, "sampling": sampling,
             "repeats": args.repeats, "decode_batches": [int(b) for b in args.decode_batches.split(",") if b],
@@ -131,14 +207,18 @@ def run(args: argparse.Namespace) -> int:
     workload_path = out_dir / "vs_vllm_workload.json"
     workload_path.write_text(json.dumps(work))
     results, skipped = [], []
-    for spec in engines:
-        result_path = out_dir / f"vs_vllm_{spec.replace('/', '_').replace('@', '_at_')}.part.json"
+    for index, spec in enumerate(engines):
+        label = spec[0]
+        if spec[3]:  # this variant's own engine keywords on top of the shared ones
+            work["engine_options"][label] = {**work["engine_options"][spec[1]], **flags_as_options(spec[3])}
+            workload_path.write_text(json.dumps(work))
+        result_path = out_dir / f"vs_vllm_{index}.part.json"
         command, env, cwd = _child_command(spec, args, workload_path, result_path)
-        print(f"=== {spec}: {' '.join(command[1:3])} (cwd {cwd})", flush=True)
+        print(f"=== {label}: {' '.join(command[1:3])} (cwd {cwd})", flush=True)
         code = subprocess.call(command, env=env, cwd=cwd)
         if code != 0 or not result_path.is_file():
-            print(f"{spec} failed (exit {code}): skipped in the table", flush=True)
-            skipped.append(spec)
+            print(f"{label} failed (exit {code}): skipped in the table", flush=True)
+            skipped.append(label)
             continue
         results.append(json.loads(result_path.read_text()))
         result_path.unlink()
@@ -180,6 +260,51 @@ def _report(args, folder: Path, sampling: list[str], results: list[dict], skippe
 
     write_report(Path(args.out) / f"vs_vllm_{Path(folder).name}", payload, plot)
     return 0 if not skipped else 1
+
+
+def run_served(args, engines: list[tuple], folder: Path) -> int:
+    from bench.router_bench import free_port
+
+    out_dir = Path(args.out)
+    logs = out_dir / "vs_vllm_served_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    rows, skipped = [], []
+    for label, engine, tree, flags in engines:
+        try:
+            rows.append(run_engine(label, engine, tree, folder, args, flags, free_port(), logs))
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"{label} failed: {exc}; skipped in the table", flush=True)
+            skipped.append(label)
+    setting = (f"{args.requests} streamed chat requests, {args.concurrency} in flight, {args.documents} documents of "
+               f"{args.doc_chars} chars (Zipf {args.zipf}) + a distinct question, {args.max_tokens} tokens, "
+               f"T={args.temperature}, ignore_eos; --gpu-memory-utilization {args.mem_fraction}, --max-num-seqs "
+               f"{args.max_num_seqs}, --max-model-len {args.max_model_len}, --max-num-batched-tokens "
+               f"{args.max_num_batched_tokens or 'engine default'}")
+    title = f"served doc-QA, {Path(folder).name} on {_gpu_name()}"
+    columns = ["engine", "req_s", "output_tok_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "itl_p50_s", "failed",
+               "startup_s"]
+    print_table(rows, columns, f"{title}: {setting}")
+    ratios = [{"engine": row["engine"], "against": rows[0]["engine"],
+               "req/s ratio": row["req_s"] / rows[0]["req_s"] if rows[0]["req_s"] else None,
+               "TTFT p99 ratio": (row["ttft_p99_s"] / rows[0]["ttft_p99_s"]) if rows[0]["ttft_p99_s"] else None}
+              for row in rows[1:]]
+    if ratios:
+        print_table(ratios, ["engine", "against", "req/s ratio", "TTFT p99 ratio"],
+                    "ratios against the first engine (req/s > 1 and TTFT p99 < 1: the other is better)")
+    payload = {"setting": setting, "model": str(folder), "gpu": _gpu_name(), "rows": rows, "ratios": ratios,
+               "skipped": skipped, "command": _command_line(), "settings": vars(args)}
+
+    def plot(path: Path) -> None:
+        labels = [row["engine"] for row in rows]
+        panels = [{"title": "req/s", "ylabel": "requests / s", "labels": labels,
+                   "series": {"req/s": [row["req_s"] for row in rows]}},
+                  {"title": "TTFT", "ylabel": "seconds", "labels": labels,
+                   "series": {q: [row[f"ttft_{q}_s"] for row in rows] for q in ("p50", "p90", "p99")}}]
+        if bar_panels(path, panels, title, footnote=setting) is None:
+            raise ImportError("matplotlib")
+
+    write_report(out_dir / f"vs_vllm_served_{Path(folder).name}", payload, plot)
+    return 0 if rows and not skipped else 1
 
 
 def _command_line() -> str:
