@@ -1,12 +1,11 @@
 """`radixfleet bench vs-vllm`: radixfleet and vLLM side by side, same checkpoint, same workload, one command.
 
-Two modes (`--modes offline,served`, either or both). Offline:
-
-The workload is nano-vllm's bench.py protocol: N sequences, prompt token ids random in [0, 10000),
+Two modes (`--modes offline,served`, either or both). Offline, the workload is nano-vllm's bench.py protocol: N sequences, prompt token ids random in [0, 10000),
 prompt and output lengths uniform in [min-len, max-len], ignore_eos, one warm-up request, output tokens
 over wall time; run sampled (temperature 0.6) and greedy, each `--repeats` times with fresh prompt ids
-(seed, seed+1, ...; the same for every engine), so no repeat is served from the prefix cache of the one
-before (the second run of a workload should match the first). Then decode time per token at the given batch sizes.
+(the same lengths every pass, token ids drawn anew; the same for every engine), so no repeat is served
+from the prefix cache of the one before and the second run of a workload should match the first. Then
+decode time per token at the given batch sizes.
 
 Each engine runs in its own process (bench/offline_child.py) on the same checkpoint folder and the same
 workload file, one after the other on the same GPU. `--engines` names what runs:
@@ -128,17 +127,18 @@ def _number_or_text(value: str):
 
 
 def _workload(args, vocab: int) -> dict:
-    """One set of prompts per repeat (seed, seed+1, ...): the same distribution, different token ids, so a
-    repeat is not served from the prefix cache that the run before it filled."""
+    """One prompt set per timed pass: the same prompt and output lengths every pass (drawn once from the
+    seed, so passes are the same work and their throughputs comparable), fresh token ids each pass (seed,
+    seed+1, ...), so a pass is not served from the prefix cache that the pass before it filled."""
     top = min(args.token_id_max, vocab)
+    shape = random.Random(args.seed)
+    lengths = [(shape.randint(args.min_len, args.max_len), shape.randint(args.min_len, args.max_len))
+               for _ in range(args.num_seqs)]
     runs = []
     for repeat in range(args.repeats * len(args.sampling.split(","))):  # one set per (sampling mode, repeat)
-        rng = random.Random(args.seed + repeat)
-        prompts, outputs = [], []
-        for _ in range(args.num_seqs):
-            prompts.append([rng.randrange(top) for _ in range(rng.randint(args.min_len, args.max_len))])
-            outputs.append(rng.randint(args.min_len, args.max_len))
-        runs.append({"prompts": prompts, "output_lens": outputs})
+        ids = random.Random(args.seed + 1 + repeat)
+        runs.append({"prompts": [[ids.randrange(top) for _ in range(n_in)] for n_in, _ in lengths],
+                     "output_lens": [n_out for _, n_out in lengths]})
     return {"runs": runs}
 
 

@@ -54,3 +54,17 @@ def test_served_mode_on_a_cpu_worker(tmp_path, demo_checkpoint):
     assert row["engine"] == "radixfleet" and row["requests"] == 6 and row["failed"] == 0
     assert row["output_tok_s"] > 0 and 0 < row["ttft_p50_s"] <= row["ttft_p99_s"]
     assert "bench vs-vllm" in report["command"]
+
+
+def test_every_pass_is_the_same_work_with_fresh_token_ids():
+    import argparse
+
+    from bench.vs_vllm import _workload
+
+    args = argparse.Namespace(token_id_max=10000, seed=0, min_len=100, max_len=1024, num_seqs=8, repeats=2,
+                              sampling="t0.6,greedy")
+    runs = _workload(args, 32000)["runs"]
+    assert len(runs) == 4
+    assert all([len(p) for p in run["prompts"]] == [len(p) for p in runs[0]["prompts"]] for run in runs)
+    assert all(run["output_lens"] == runs[0]["output_lens"] for run in runs)
+    assert runs[0]["prompts"][0][:16] != runs[1]["prompts"][0][:16]  # nothing to reuse from the pass before

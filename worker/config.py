@@ -27,7 +27,9 @@ class EngineConfig:
     # KV budget: on CPU (and sim) an explicit token count; on CUDA a fraction of free GPU memory.
     kv_cache_tokens: int = 65536
     mem_fraction: float = 0.85
-    max_num_batched_tokens: int = 2048  # the per-step token budget (decodes + prefill chunks)
+    # the per-step token budget (decodes + prefill chunks); None: chosen from the model's size when the engine
+    # starts (worker.engine.step_budget: 8192 for small models on a GPU, else 2048)
+    max_num_batched_tokens: int | None = None
     max_running_requests: int = 256
     max_waiting_requests: int = 4096  # beyond this, new requests are refused (HTTP 503)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -64,7 +66,7 @@ class EngineConfig:
             raise ConfigError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if not (1 <= self.page_size <= 256) or self.page_size & (self.page_size - 1):
             raise ConfigError(f"--page-size must be a power of two between 1 and 256, got {self.page_size}")
-        if self.max_num_batched_tokens < 16:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 16:
             raise ConfigError(f"--max-num-batched-tokens must be at least 16, got {self.max_num_batched_tokens}")
         if self.max_running_requests < 1:
             raise ConfigError(f"--max-running-requests must be at least 1, got {self.max_running_requests}")

@@ -31,6 +31,7 @@ from worker.engine.protocol import ContextLengthExceeded, EngineOutput, EngineRe
 from worker.engine.sampler import PendingSample, Sampler
 from worker.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from worker.engine.sequence import Sequence
+from worker.engine.step_budget import with_step_token_budget
 from worker.executor.base import Executor
 from worker.executor.registry import executor_class
 from worker.sampling_params import InvalidParameter
@@ -78,10 +79,11 @@ class LLMEngine:
         from worker.models.registry import resolve_model
         from worker.tokenizer import Tokenizer
 
-        self.config = config.validate()
+        config.validate()
         self.model_name = config.model
         # the sim executor needs no weights: a built-in name then gives only its config and tokenizer
         self.model_path = resolve_model(config.model, progress=config.progress, weights=config.executor != "sim")
+        self.config = config = with_step_token_budget(config, self.model_path)
         self.model_config = ModelConfig.from_folder(self.model_path)
         self.tokenizer = Tokenizer.from_folder(self.model_path)
         self.max_model_len = config.context_length(self.model_config.max_model_len)

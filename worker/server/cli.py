@@ -33,7 +33,8 @@ _HELP = {
     "kv_cache_tokens": "KV budget in tokens (cpu and sim executors)",
     "sim_profile": "sim executor: calibration JSON (radixfleet bench calibrate) or built-in name, e.g. h200-llama3-8b",
     "mem_fraction": "fraction of free GPU memory the KV pool may take (cuda)",
-    "max_num_batched_tokens": "token budget of one engine step (decodes + prefill chunks)",
+    "max_num_batched_tokens": "token budget of one engine step (decodes + prefill chunks); default: 8192 for "
+                              "models under 3B parameters on a GPU, else 2048 (measured: worker/engine/step_budget.py)",
     "max_running_requests": "most requests decoding at once",
     "max_waiting_requests": "beyond this many waiting requests new ones get HTTP 503 + Retry-After",
     "max_model_len": "context length; None: the model's",
