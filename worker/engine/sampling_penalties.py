@@ -127,6 +127,7 @@ class PenaltyCounts:
         self.prompt_seen = torch.zeros(0, vocab, dtype=torch.bool, device=device)
         self.params = torch.zeros(0, 3, dtype=torch.float32, device=device)  # repetition, frequency, presence
         self._ones = torch.ones(0, dtype=torch.int32, device=device)
+        self.num_builds = 0  # slots (re)built from host lists: once per sequence, again after each preemption
 
     @property
     def num_in_use(self) -> int:
@@ -212,6 +213,7 @@ class PenaltyCounts:
         self.prompt_seen[index] = token_counts(prompts, self.vocab, self.device) > 0
         for slot, state in fresh:
             slot.num_outputs = len(state.output_token_ids)
+        self.num_builds += len(fresh)
 
 
 def mask_stop_tokens(logits: torch.Tensor, rows: list[int], states: list[SamplingState], vocab: int) -> None:
