@@ -47,16 +47,25 @@ def penalise(sub: torch.Tensor, output_counts: torch.Tensor, prompt_seen: torch.
     """`sub` [R, V] penalised: repetition (prompt + output, HF style), then frequency and presence (output
     only, OpenAI style). `columns` [R, 3] holds each row's (repetition, frequency, presence); `which` says
     which of the three any row uses (decided on the host, so unused ones cost nothing)."""
-    counts = output_counts.float()
+    present = output_counts > 0
     if which[0]:
-        seen = counts > 0 if prompt_seen is None else prompt_seen | (counts > 0)
+        seen = present if prompt_seen is None else prompt_seen | present
         penalty = columns[:, 0:1]
         sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
     if which[1]:
-        sub = sub - columns[:, 1:2] * counts
+        sub = sub - columns[:, 1:2] * output_counts.float()
     if which[2]:
-        sub = sub - columns[:, 2:3] * (counts > 0).float()
+        sub = sub - columns[:, 2:3] * present.float()
     return sub
+
+
+def _penalise_rows(logits: torch.Tensor, rows: list[int], penalised_rows) -> None:
+    """`logits` rows `rows` replaced by `penalised_rows(their logits)`; whole batches need no gather."""
+    if rows == list(range(logits.shape[0])):
+        logits.copy_(penalised_rows(logits))
+        return
+    index = device_tensor(rows, torch.long, logits.device)
+    logits.index_copy_(0, index, penalised_rows(logits.index_select(0, index)))
 
 
 def _penalty_values(states: list[SamplingState]) -> tuple[list[float], tuple[bool, bool, bool]]:
@@ -70,13 +79,12 @@ def _penalty_values(states: list[SamplingState]) -> tuple[list[float], tuple[boo
 def apply_penalties(logits: torch.Tensor, rows: list[int], states: list[SamplingState], vocab: int) -> None:
     """In place on `logits` rows `rows`, counting each row's tokens from its host lists (see the module doc)."""
     device = logits.device
-    index = device_tensor(rows, torch.long, device)
     row_states = [states[i] for i in rows]
     values, which = _penalty_values(row_states)
     output_counts = token_counts([s.output_token_ids for s in row_states], vocab, device)
     prompt_seen = token_counts([s.prompt_token_ids for s in row_states], vocab, device) > 0 if which[0] else None
     columns = device_tensor(values, torch.float32, device).view(len(rows), 3)
-    logits.index_copy_(0, index, penalise(logits.index_select(0, index), output_counts, prompt_seen, columns, which))
+    _penalise_rows(logits, rows, lambda sub: penalise(sub, output_counts, prompt_seen, columns, which))
 
 
 def apply_row_penalties(logits: torch.Tensor, rows: list[int], states: list[SamplingState], counts: PenaltyCounts,
@@ -157,9 +165,8 @@ class PenaltyCounts:
         row_index = device_tensor(rows, torch.long, self.device)
         slot_index = device_tensor([slot.index for slot in slots], torch.long, self.device)
         prompt_seen = self.prompt_seen.index_select(0, slot_index) if which[0] else None
-        sub = penalise(logits.index_select(0, row_index), self.output_counts.index_select(0, slot_index),
-                       prompt_seen, self.params.index_select(0, slot_index), which)
-        logits.index_copy_(0, row_index, sub)
+        counts, columns = self.output_counts.index_select(0, slot_index), self.params.index_select(0, slot_index)
+        _penalise_rows(logits, rows, lambda sub: penalise(sub, counts, prompt_seen, columns, which))
         return CountedRows(row_index, slot_index)
 
     def count_sampled(self, rows: CountedRows, tokens: torch.Tensor) -> None:
