@@ -2,7 +2,8 @@
 through preemption and resume (a tiny KV pool) and overlap scheduling, and no slot left behind.
 
 The reference is the implementation before device counts: each step's penalised rows counted from their
-host token lists (states without a counts key), synchronously, with KV to spare.
+host token lists (states without a counts key), synchronously. Every engine here has the same tiny KV
+pool, so all of them schedule (and preempt) alike and a GPU's batch-dependent rounding cannot differ.
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ def folder(tmp_path_factory):
     return write_checkpoint("tiny-llama3", tmp_path_factory.mktemp("tiny-llama3") / "ckpt", seed=3, progress=False)
 
 
+TINY_KV = dict(kv_cache_tokens=192, new_token_ratio_init=0.0, new_token_ratio_min=0.0)  # forces preemptions
+
+
 def make_engine(folder, device: str, overlap: bool, **overrides) -> LLMEngine:
-    options = dict(model=str(folder), device=device, page_size=4, kv_cache_tokens=8192, progress=False,
-                   overlap_schedule="on" if overlap else "off")
+    options = dict(model=str(folder), device=device, page_size=4, progress=False,
+                   overlap_schedule="on" if overlap else "off", **TINY_KV)
     options.update(overrides)
     return LLMEngine(EngineConfig(**options))
 
@@ -78,7 +82,7 @@ def run(engine: LLMEngine, requests, abort_at: dict[int, str] | None = None) -> 
 @pytest.fixture(scope="module")
 def reference(folder):
     """Per device: the workload, its tokens with penalties counted on the host every step (no counts key,
-    synchronous, KV to spare), and its tokens with the penalties taken away."""
+    synchronous), and its tokens with the penalties taken away."""
     computed = {}
 
     def tokens_for(device: str):
@@ -116,8 +120,7 @@ def test_each_penalty_changes_some_request(reference, device):
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 def test_same_tokens_as_host_counts_through_preemption(folder, reference, device, overlap):
     requests, expected, _ = reference(device)
-    tiny = dict(kv_cache_tokens=192, new_token_ratio_init=0.0, new_token_ratio_min=0.0)
-    engine = make_engine(folder, device, overlap, **tiny)
+    engine = make_engine(folder, device, overlap)
     forwards_with_future = []
     forward = engine.executor.forward
 
@@ -137,8 +140,7 @@ def test_same_tokens_as_host_counts_through_preemption(folder, reference, device
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_slot_leaks_after_a_hundred_requests(folder, device):
-    engine = make_engine(folder, device, overlap=True, max_running_requests=8, kv_cache_tokens=256,
-                         new_token_ratio_init=0.0, new_token_ratio_min=0.0)
+    engine = make_engine(folder, device, overlap=True, max_running_requests=8)
     requests = workload(engine.model_config.vocab_size, count=100, max_tokens=6, seed=7)
     requests = [(rid, prompt, dataclasses.replace(params, n=2) if i % 10 == 0 else params)
                 for i, (rid, prompt, params) in enumerate(requests)]

@@ -115,10 +115,11 @@ class PenaltyCounts:
     """Per-sequence token counts of penalised sequences, on the sampler's device, keyed by a sequence key.
 
     Memory: slots exist only for penalised sequences that are alive (a slot is released with the sequence's
-    KV: finish, abort, preemption; see `release`), in a pool grown by doubling, so capacity stays below twice
-    the most penalised sequences alive at once, itself at most `max_running_requests`. A slot costs 5 bytes
-    per vocabulary id (int32 output counts + bool prompt-seen) plus 12 bytes of parameters: 641 KB with
-    Llama 3's 128,256 ids, 160 MB for 256 penalised sequences. No penalised request: nothing is allocated.
+    KV: finish, abort, preemption; see `release`), in a pool grown by doubling from 4, so capacity stays at
+    most max(4, twice the most penalised sequences alive at once), itself at most `max_running_requests`
+    (the pool is not shrunk). A slot costs 5 bytes per vocabulary id (int32 output counts + bool
+    prompt-seen) plus 12 bytes of parameters: 641 KB with Llama 3's 128,256 ids, 160 MB for 256 penalised
+    sequences. No penalised request: nothing is allocated.
 
     A slot remembers how many outputs it counted: a row whose sequence has another number of outputs
     (e.g. resumed after a preemption whose release was missed) gets its counts rebuilt, never stale ones.
