@@ -144,13 +144,14 @@ class Sampler:
             tokens = self._sample_fused(work, raw, states)
         else:
             tokens = self._sample_mixed(work, states)
-        if counted is not None:
-            self.penalty_counts.count_sampled(counted, tokens)
 
         logprob_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
         top_counts = [states[i].params.logprobs for i in logprob_rows]
         parts = logprob_tensors(raw, tokens, self._index(logprob_rows), top_counts) if logprob_rows else None
-        return PendingSample(tokens, parts, logprob_rows, top_counts, len(states))
+        pending = PendingSample(tokens, parts, logprob_rows, top_counts, len(states))
+        if counted is not None:  # same stream, behind the sample and its copies to the host (which need not wait)
+            self.penalty_counts.count_sampled(counted, tokens)
+        return pending
 
     def process_logits(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """The logits after penalties and min_tokens masking, before temperature: float32 [B, vocab_size].
