@@ -7,7 +7,13 @@ Figures (each printed with the GPU, model, dtype and settings, and its roofline 
 - decode inter-token latency at batch 1, 8, 64, 256 (decode-only steps, context ~512 tokens);
 - prefill throughput of one 1k, 4k and 16k-token prompt;
 - time to first token of a 4k-token prompt whose first 3.9k tokens are cached, against cold;
-- where the time of one decode step goes (scheduler, batch building, forward, sampler, update).
+- where the time of one decode step goes (scheduler, batch building, forward, sampler, update);
+- the sampler step alone at batch 64 with every row penalised (repetition, frequency, presence): token ids
+  uploaded from the host every step (before) against counts kept on the device (after), beside the same
+  batch unpenalised. Needs no model, so it also runs on the CPU:
+      radixfleet bench engine --workloads penalties --penalty-device cpu
+  and on the GPU machine (llama3-8b's 128,256-id vocabulary by default):
+      radixfleet bench engine --workloads penalties --penalty-device cuda --out bench/reports
 transformers `generate` runs in the same process afterwards on the same checkpoint (bf16, sdpa
 attention): the offline workload on a subset of its requests (the engine runs the same subset too),
 decode latency at the smaller batches and the prefill lengths.
@@ -63,7 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="overlap scheduling (EngineConfig.overlap_schedule; auto: the engine's default); "
                              "'both' runs the offline and decode figures with it off and on on one engine")
     parser.add_argument("--workloads", default="offline,mixed,decode,prefill,ttft,breakdown",
-                        help="comma-separated subset of offline,mixed,decode,prefill,ttft,breakdown")
+                        help="comma-separated subset of offline,mixed,decode,prefill,ttft,breakdown,penalties "
+                             "(penalties alone needs no model and no GPU)")
+    parser.add_argument("--penalty-device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where the penalties workload runs (auto: cuda when visible)")
+    parser.add_argument("--penalty-vocab", type=int, default=128256,
+                        help="vocabulary of the penalties workload when run alone (default: llama3-8b's)")
+    parser.add_argument("--penalty-batch", type=int, default=64)
     parser.add_argument("--num-requests", type=int, default=256, help="offline (nano-vllm) workload size")
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-len", type=int, default=1024)
@@ -312,6 +324,68 @@ class HFRunner:
         self.torch.cuda.empty_cache()
 
 
+# ---------------------------------------------------------------------------------------------- sampler step
+PENALTY_OUTPUTS = 128  # output tokens each row already has when the penalties workload starts
+
+
+def penalty_step_rows(device: str, vocab: int, batch: int, prompt_len: int, steps: int, seed: int) -> list[dict]:
+    """ms per sampler step (sample_async + read back of the tokens), greedy, every row penalised: counts
+    from the host lists uploaded every step (states without a counts key: the path before device counts)
+    against counts kept on the device (the engine's path), beside the same batch without penalties.
+    Outputs grow by one token a step, from PENALTY_OUTPUTS; the first 5 steps (device counts built) are
+    not timed."""
+    import torch
+
+    from worker.engine.sampler import Sampler, SamplingState
+    from worker.sampling_params import SamplingParams
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(batch)]
+    first_outputs = [[rng.randrange(vocab) for _ in range(PENALTY_OUTPUTS)] for _ in range(batch)]
+    logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)).to(device)
+    penalised = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2)
+    rows = []
+    for path, params, keyed in (("no penalties", SamplingParams(temperature=0.0), False),
+                                ("penalties, host upload (before)", penalised, False),
+                                ("penalties, device counts (after)", penalised, True)):
+        sampler = Sampler(vocab, device, seed=seed)
+        outputs = [list(out) for out in first_outputs]
+        times = []
+        for step in range(steps + 5):
+            states = [SamplingState(params, prompts[i], outputs[i], counts_key=i if keyed else None)
+                      for i in range(batch)]
+            start = time.perf_counter()
+            tokens = sampler.sample_async(logits, states).result().token_ids
+            if step >= 5:
+                times.append(time.perf_counter() - start)
+            for out, token in zip(outputs, tokens):
+                out.append(token)
+        times.sort()
+        rows.append({"path": path, "median_ms": statistics.median(times) * 1e3,
+                     "p90_ms": times[int(0.9 * (len(times) - 1))] * 1e3, "steps": len(times)})
+    base = rows[0]["median_ms"]
+    for row in rows:
+        row["over_unpenalised_ms"] = row["median_ms"] - base
+    return rows
+
+
+def run_penalty_step(args: argparse.Namespace, device: str, vocab: int) -> dict:
+    import platform
+
+    import torch
+
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, " \
+        f"{torch.get_num_threads()} threads)"
+    settings = {"device": name, "torch": torch.__version__, "vocab": vocab, "batch": args.penalty_batch,
+                "prompt_tokens": args.decode_context, "outputs_at_start": PENALTY_OUTPUTS, "steps": args.decode_steps,
+                "sampling": "greedy; repetition 1.2, frequency 0.3, presence 0.5 on every penalised row"}
+    print(f"sampler step: {settings}", flush=True)
+    rows = penalty_step_rows(device, vocab, args.penalty_batch, args.decode_context, args.decode_steps, args.seed)
+    print_table(rows, ["path", "median_ms", "p90_ms", "over_unpenalised_ms", "steps"],
+                title=f"sampler step, batch {args.penalty_batch}, vocab {vocab:,}, {name}")
+    return {"settings": settings, "rows": rows}
+
+
 # ---------------------------------------------------------------------------------------------- driver
 def resolve_checkpoint(model: str, checkpoint_dir: str | None) -> Path:
     folder = Path(model)
@@ -357,6 +431,15 @@ def _median(values):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    workloads = {w.strip() for w in args.workloads.split(",") if w.strip()}
+    penalty_device = ("cuda" if torch.cuda.is_available() else "cpu") if args.penalty_device == "auto" else args.penalty_device
+    if penalty_device == "cuda" and not torch.cuda.is_available():
+        print("--penalty-device cuda: no CUDA GPU is visible (use --penalty-device cpu)", file=sys.stderr)
+        return 2
+    if workloads == {"penalties"}:  # the sampler alone: no model, no GPU needed
+        report = run_penalty_step(args, penalty_device, args.penalty_vocab)
+        print(f"wrote {write_json(Path(args.out) / 'engine_bench_sampler_penalties.json', report)}")
+        return 0
     if not torch.cuda.is_available():
         print("radixfleet bench engine needs a CUDA GPU (none is visible)", file=sys.stderr)
         return 2
@@ -365,8 +448,7 @@ def run(args: argparse.Namespace) -> int:
     from worker.engine.llm_engine import LLMEngine
     from worker.models.config import ModelConfig
 
-    workloads = {w.strip() for w in args.workloads.split(",") if w.strip()}
-    unknown = workloads - {"offline", "mixed", "decode", "prefill", "ttft", "breakdown"}
+    unknown = workloads - {"offline", "mixed", "decode", "prefill", "ttft", "breakdown", "penalties"}
     if unknown:
         print(f"--workloads: unknown {sorted(unknown)}", file=sys.stderr)
         return 2
@@ -527,6 +609,8 @@ def run(args: argparse.Namespace) -> int:
         for batch in sorted({1, min(64, args.max_running_requests)}):
             breakdowns[f"batch {batch}"] = step_breakdown(engine, batch, args.decode_context, 48, vocab, args.seed + 99)
         report["decode_step_breakdown_ms"] = breakdowns
+    if "penalties" in workloads:
+        report["sampler_penalty_step"] = run_penalty_step(args, "cuda", vocab)
 
     engine.shutdown()
     del engine, executor

@@ -178,8 +178,10 @@ class SamplingParams:
 
     @property
     def needs_output_tokens(self) -> bool:
-        """True when sampling reads this sequence's output tokens on the host (no overlap for its steps)."""
-        return self.uses_penalties or bool(self.bad_words_token_ids) or self.structured_output is not None
+        """True when sampling reads this sequence's output tokens on the host (no overlap for its steps).
+
+        Not penalties: the engine keeps their counts on the device (worker.engine.sampling_penalties)."""
+        return bool(self.bad_words_token_ids) or self.structured_output is not None
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -136,6 +136,7 @@ def sampling_states(batch: ScheduledBatch, rows: list[int], eos_token_ids: tuple
             output_token_ids=batch.seqs[r].output_token_ids,
             choice_index=batch.seqs[r].index,
             eos_token_ids=eos_token_ids,
+            counts_key=batch.seqs[r].seq_id,
         )
         for r in rows
     ]

@@ -11,8 +11,8 @@ then does the step read back the *previous* step's tokens, fill their placeholde
 outputs (scheduler.resolve). So the host schedules and prepares step N+1 while the device runs step N.
 Consequences handled in the scheduler: a sequence at a known limit (max_tokens, context length) is not
 scheduled again before its last token is known; an eos is seen one step late, so the sequence may run one
-extra decode whose token is dropped and whose slot is never cached. Rows with penalties need their real
-tokens on the host, so such steps resolve the previous step first (no overlap for that step).
+extra decode whose token is dropped and whose slot is never cached. Rows with bad words or a grammar need
+their real tokens on the host, so such steps resolve the previous step first (no overlap for that step).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class _LaunchedStep:
     def __init__(self, seqs: list[Sequence | None], sample: PendingSample | None):
         self.seqs = seqs
         self.sample = sample
-        # penalties, bad words and grammars read the output tokens on the host: the next step cannot start
+        # bad words and grammars read the output tokens on the host: the next step cannot start
         # before these are known
         self.needs_host_tokens = any(s is not None and s.params.needs_output_tokens for s in seqs)
 
@@ -100,6 +100,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids)))
         grammars = GrammarMasks(self.tokenizer, max(sampler_vocab, self.model_config.vocab_size), self.eos_token_ids)
         self.sampler = Sampler(sampler_vocab, self.executor.device, seed=config.seed, grammars=grammars)
+        self.scheduler.on_release = lambda seq: self.sampler.penalty_counts.release(seq.seq_id)
         self._eos_set = frozenset(self.eos_token_ids)
         self._requests: dict[str, list[Sequence]] = {}  # request_id -> its choices
         self._pending_outputs: list[EngineOutput] = []  # produced outside step() (aborts)

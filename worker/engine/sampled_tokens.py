@@ -55,6 +55,19 @@ class PendingSample:
         return self._result
 
 
+def logprob_tensors(
+    raw: torch.Tensor, tokens: torch.Tensor, index: torch.Tensor, top_counts: list[int]
+) -> tuple[torch.Tensor, ...]:
+    """Device tensors (chosen ids, their logprobs, ranks, top values, top ids) of the rows `index` of the
+    raw logits `raw` [B, V] and the step's sampled `tokens` [B]; read back by `_logprob_entries`."""
+    logprobs = torch.log_softmax(raw.index_select(0, index).float(), dim=-1)
+    chosen = tokens.index_select(0, index)
+    chosen_logprob = logprobs.gather(1, chosen.unsqueeze(1))
+    ranks = (logprobs > chosen_logprob).sum(dim=-1) + 1  # ties share the better rank
+    top_values, top_ids = logprobs.topk(max(top_counts), dim=-1)  # k = 0 gives empty [R, 0] tensors
+    return chosen, chosen_logprob.squeeze(1), ranks, top_values, top_ids
+
+
 def _to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
@@ -65,7 +78,7 @@ def _logprob_entries(
     chosen: torch.Tensor, chosen_logprob: torch.Tensor, ranks: torch.Tensor,
     top_values: torch.Tensor, top_ids: torch.Tensor, top_counts: list[int],
 ) -> list[TokenLogprob]:
-    """Host tensors from `Sampler._logprob_tensors` -> one TokenLogprob per logprob row."""
+    """Host tensors from `logprob_tensors` -> one TokenLogprob per logprob row."""
     chosen_list = chosen.tolist()
     chosen_logprob_list = chosen_logprob.tolist()
     ranks_list = ranks.tolist()

@@ -4,7 +4,8 @@ The pipeline, in vLLM's order (what users of the OpenAI-style API expect):
 
 1. penalties: repetition (Hugging Face style, over prompt + output tokens: positive logits are divided by
    the penalty, negative ones multiplied), then frequency and presence (OpenAI style, over output tokens:
-   `logit -= frequency * count + presence * (count > 0)`);
+   `logit -= frequency * count + presence * (count > 0)`). Rows with a `counts_key` (the engine's) read
+   counts kept on the device across steps (worker.engine.sampling_penalties.PenaltyCounts);
 2. min_tokens: while a sequence has fewer than `min_tokens` output tokens, its eos ids and stop token ids
    are masked out (whatever `ignore_eos` says); then the logit processors (worker.engine.logit_processors);
 3. temperature; a temperature of (almost) 0 means greedy: argmax of the penalised logits;
@@ -33,13 +34,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Hashable
 
 import torch
 
 from worker.engine.logit_processors import apply_logit_processors
-from worker.engine.sampled_tokens import PendingSample, SampleResult
+from worker.engine.sampled_tokens import PendingSample, SampleResult, logprob_tensors
 from worker.engine.sampling_filters import apply_min_p, apply_top_k, apply_top_k_top_p, device_tensor
-from worker.engine.sampling_penalties import apply_penalties, mask_stop_tokens
+from worker.engine.sampling_penalties import PenaltyCounts, apply_row_penalties, mask_stop_tokens
 from worker.sampling_params import SamplingParams
 
 __all__ = [  # the filters and PendingSample live in their own modules; importable from here as before
@@ -62,6 +64,9 @@ class SamplingState:
     output_token_ids: list[int]  # generated so far by this sequence (one choice of a request)
     choice_index: int = 0  # which of the n choices: seeded choices get distinct, reproducible streams
     eos_token_ids: tuple[int, ...] = ()
+    # identifies the sequence across steps (the engine's seq_id): penalties then use counts kept on the
+    # device, bumped from each sample, freed by `Sampler.penalty_counts.release(key)`; None: counted every step
+    counts_key: Hashable | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -117,6 +122,7 @@ class Sampler:
         self._key_source = random.Random(seed)
         self._fused = self.device.type == "cuda"
         self.grammars = grammars
+        self.penalty_counts = PenaltyCounts(vocab_size, self.device)  # allocates nothing until a penalised row
 
     # ------------------------------------------------------------------ entry point
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SampleResult:
@@ -125,12 +131,13 @@ class Sampler:
     def sample_async(self, logits: torch.Tensor, states: list[SamplingState]) -> PendingSample:
         """Queue the sampling of one token per row without waiting for the device.
 
-        Penalties read `output_token_ids` on the host, so rows using them need real tokens there (the
-        engine resolves pending tokens first); min_tokens and seeded draws only count the outputs.
-        Everything the result needs is computed now, so `logits` may be overwritten right after.
+        Penalised rows with a `counts_key` read their counts on the device, and this step's tokens are added
+        to them behind the sample on the same stream; rows without one read `output_token_ids` on the host
+        (so need real tokens there). min_tokens and seeded draws only count the outputs. Everything the
+        result needs is computed now, so `logits` may be overwritten right after.
         """
         raw = self._checked_logits(logits, states)
-        work = self._penalised(raw, states)
+        work, counted = self._penalised(raw, states, sampling=True)
         if all(s.is_greedy for s in states):
             tokens = work.argmax(dim=-1)  # the fast path: no softmax, no sort, no noise
         elif self._fused:
@@ -140,30 +147,35 @@ class Sampler:
 
         logprob_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
         top_counts = [states[i].params.logprobs for i in logprob_rows]
-        parts = self._logprob_tensors(raw, tokens, logprob_rows, top_counts) if logprob_rows else None
-        return PendingSample(tokens, parts, logprob_rows, top_counts, len(states))
+        parts = logprob_tensors(raw, tokens, self._index(logprob_rows), top_counts) if logprob_rows else None
+        pending = PendingSample(tokens, parts, logprob_rows, top_counts, len(states))
+        if counted is not None:  # same stream, behind the sample and its copies to the host (which need not wait)
+            self.penalty_counts.count_sampled(counted, tokens)
+        return pending
 
     def process_logits(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """The logits after penalties and min_tokens masking, before temperature: float32 [B, vocab_size].
 
         What greedy rows take the argmax of. The caller's tensor is never modified.
         """
-        return self._penalised(self._checked_logits(logits, states), states)
+        return self._penalised(self._checked_logits(logits, states), states, sampling=False)[0]
 
-    def _penalised(self, raw: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    def _penalised(self, raw: torch.Tensor, states: list[SamplingState], sampling: bool):
+        """(penalised float32 logits, the rows whose device counts take this step's tokens, or None)."""
         work = raw.float()
         penalty_rows = [i for i, s in enumerate(states) if s.params.uses_penalties]
         min_tokens_rows = [i for i, s in enumerate(states) if s.blocks_stop_tokens]
         processor_rows = [i for i, s in enumerate(states) if s.params.uses_logit_processors]
         if (penalty_rows or min_tokens_rows or processor_rows) and work.data_ptr() == raw.data_ptr():
             work = work.clone()  # never modify the caller's logits
+        counted = None
         if penalty_rows:
-            apply_penalties(work, penalty_rows, states, self.vocab_size)
+            counted = apply_row_penalties(work, penalty_rows, states, self.penalty_counts, sampling)
         if min_tokens_rows:
             mask_stop_tokens(work, min_tokens_rows, states, self.vocab_size)
         if processor_rows:
             apply_logit_processors(work, processor_rows, states, self.grammars)
-        return work
+        return work, counted
 
     def _checked_logits(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         if logits.dim() != 2:
@@ -285,16 +297,3 @@ class Sampler:
             noise[j] = row.exponential_(generator=self._row_generator)
         # A draw of exactly 0 would turn a masked token's 0 probability into 0/0 = NaN, which argmax prefers.
         return noise.clamp_(min=torch.finfo(torch.float32).tiny)
-
-    # ------------------------------------------------------------------ logprobs
-    def _logprob_tensors(
-        self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[int], top_counts: list[int]
-    ) -> tuple[torch.Tensor, ...]:
-        """Device tensors (chosen ids, their logprobs, ranks, top values, top ids) of the logprob rows."""
-        index = self._index(rows)
-        logprobs = torch.log_softmax(raw.index_select(0, index).float(), dim=-1)
-        chosen = tokens.index_select(0, index)
-        chosen_logprob = logprobs.gather(1, chosen.unsqueeze(1))
-        ranks = (logprobs > chosen_logprob).sum(dim=-1) + 1  # ties share the better rank
-        top_values, top_ids = logprobs.topk(max(top_counts), dim=-1)  # k = 0 gives empty [R, 0] tensors
-        return chosen, chosen_logprob.squeeze(1), ranks, top_values, top_ids

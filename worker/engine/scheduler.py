@@ -55,6 +55,8 @@ class Scheduler:
         # sequences cut off during schedule() (they outgrew the whole pool); handed out by take_cut_off()
         self._cut_off: list[Sequence] = []
         self._preempted_this_step = False
+        # called wherever a sequence's KV is freed (finish, abort, preemption): the engine frees its penalty counts
+        self.on_release: Callable[[Sequence], None] = lambda seq: None
 
     # ------------------------------------------------------------------ queue management
     def add(self, seq: Sequence) -> None:
@@ -79,6 +81,7 @@ class Scheduler:
         for seq in aborted:
             seq.drop_pending_tokens()  # their step still runs; its tokens are discarded when it resolves
             self.kv.release(seq)
+            self.on_release(seq)
             seq.status = SeqStatus.FINISHED
             seq.finish_reason = FinishReason.ABORT
         return aborted
@@ -198,6 +201,7 @@ class Scheduler:
         """Preempt by recompute: cache what was computed, free the rest, and queue `seq` again."""
         self.running.remove(seq)
         self.kv.release(seq)
+        self.on_release(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = SeqStatus.WAITING
@@ -215,6 +219,7 @@ class Scheduler:
         seq.drop_pending_tokens()
         seq.num_computed = min(seq.num_computed, seq.num_tokens - 1)
         self.kv.release(seq)
+        self.on_release(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_token_id = stop_token_id
