@@ -262,8 +262,9 @@ def test_seeded_sampling_and_logprobs_do_not_depend_on_overlap(checkpoint, vocab
     assert len(overlap.logprobs[("topk", 0)]) == MAX_NEW
 
 
-def test_penalties_resolve_before_the_next_step(checkpoint, vocab):
-    """Penalties read the real output tokens on the host: those steps wait, and tokens are unchanged."""
+def test_penalised_steps_overlap_with_unchanged_tokens(checkpoint, vocab):
+    """Penalties count output tokens on the device (worker/engine/sampling_penalties.py): penalised steps
+    overlap like any other, and the tokens are those of the synchronous run."""
     folder, _ = checkpoint
     prompts = random_prompts(vocab, 2, seed=12)
     requests = [
