@@ -43,7 +43,7 @@ import tempfile
 from pathlib import Path
 
 from bench.plotting import bar_panels, print_table, write_report
-from bench.vs_vllm_served import add_served_arguments, run_engine
+from bench.vs_vllm_served import add_served_arguments, pythonpath_with, run_engine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "offline_child.py"
@@ -161,8 +161,7 @@ def _child_command(spec: tuple, args, workload_path: Path, out_path: Path) -> tu
         env.setdefault("HF_HUB_OFFLINE", "1")
         cwd = tempfile.gettempdir()
     else:
-        # the tree first; whatever PYTHONPATH already holds (e.g. wheels for missing packages) after it
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = pythonpath_with(tree)
         cwd = str(tree)
     command = [sys.executable, str(CHILD), "--engine", engine, "--label", label,
                "--workload", str(workload_path), "--out", str(out_path)]

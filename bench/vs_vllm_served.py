@@ -55,6 +55,11 @@ def add_served_arguments(parser) -> None:
 
 
 # ---------------------------------------------------------------------- servers
+def pythonpath_with(tree: Path) -> str:
+    """PYTHONPATH with a radixfleet source tree first and whatever it already held (e.g. wheels) after it."""
+    return os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def server_command(engine: str, tree: Path, folder: Path, port: int, args, extra: list[str]) -> tuple[list, dict, str]:
     """(argv, env, cwd) of one engine's OpenAI server; `extra` are flags from `engine[...]`."""
     common = ["--port", str(port), "--gpu-memory-utilization", str(args.mem_fraction),
@@ -68,7 +73,7 @@ def server_command(engine: str, tree: Path, folder: Path, port: int, args, extra
         env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), *common]
         return argv + extra, env, tempfile.gettempdir()
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = pythonpath_with(tree)
     argv = [sys.executable, "-m", "worker.cli", "worker", "--model", str(folder), *common]
     return argv + extra, env, str(tree)
 

@@ -34,6 +34,10 @@ class ScheduledBatch:
     def __len__(self) -> int:
         return len(self.seqs)
 
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_tokens)
+
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)

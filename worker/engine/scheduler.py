@@ -3,7 +3,8 @@
 The engine (worker.engine.llm_engine) drives each step through four calls:
 * `schedule()`: what runs this step, under one token budget (`max_num_batched_tokens`): first one token
   for every running decode (long prompts never starve decodes), then the next chunk of prompts already
-  part-way through (chunked prefill), then waiting sequences in policy order (worker.engine.waiting_queue)
+  part-way through (chunked prefill), then waiting sequences in policy order (worker.engine.waiting_queue),
+  but none that would prefill a long prefix another prompt is prefilling now (worker.engine.shared_prefill),
   while the KV pool keeps room for the running batch's decode growth (worker.engine.decode_reserve).
 * `launch()`: the step is on its way to the device: computed positions advance, prefill progress becomes
   shareable, each sampling row gets a placeholder output token.
@@ -29,15 +30,11 @@ from worker.engine.decode_reserve import DecodeReserve
 from worker.engine.protocol import FinishReason
 from worker.engine.scheduled_batch import ScheduledBatch, SchedulerConfig
 from worker.engine.sequence import Sequence, SeqStatus
+from worker.engine.shared_prefill import PrefillsInFlight
 from worker.engine.stop_conditions import reached_length_limit, stop_reason
 from worker.engine.waiting_queue import make_waiting_queue
 
 __all__ = ["ScheduledBatch", "Scheduler", "SchedulerConfig"]  # the first and last live in scheduled_batch.py
-
-
-def _add_to(batch: ScheduledBatch, seq: Sequence, num_tokens: int) -> None:
-    batch.seqs.append(seq)
-    batch.num_new_tokens.append(num_tokens)
 
 
 class Scheduler:
@@ -111,7 +108,7 @@ class Scheduler:
                 continue  # its last token is still on the device; resolving it will finish the sequence
             if not self._ensure_pages(seq, seq.num_computed + 1, batch):
                 continue  # seq itself was preempted or finished for lack of memory
-            _add_to(batch, seq, 1)
+            batch.add(seq, 1)
             budget -= 1
         return budget
 
@@ -129,12 +126,13 @@ class Scheduler:
                 if not self._ensure_pages(seq, seq.num_computed + 1, batch):
                     continue
                 chunk = self._fit_chunk(seq, budget, admitting=False)
-            _add_to(batch, seq, chunk)
+            batch.add(seq, chunk)
             budget -= chunk
         return budget
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         """Waiting sequences in policy order, head-of-line, while the budget and the KV reserve allow."""
+        in_flight = PrefillsInFlight(self.running)
         for seq in self.waiting.in_policy_order():
             if self._preempted_this_step:
                 break  # memory is short: admitting now would only preempt again
@@ -142,10 +140,13 @@ class Scheduler:
                 break
             if seq.num_pending_tokens:
                 continue  # preempted with a token still on the device: it may be prefilled once that is known
+            if in_flight.would_duplicate(seq, self.kv.cached_prefix_length):
+                continue
             chunk = self._admit(seq, budget)
             if chunk == 0:
                 break  # head-of-line: keep the policy's order instead of letting smaller requests jump ahead
-            _add_to(batch, seq, chunk)
+            batch.add(seq, chunk)
+            in_flight.add(seq)
             budget -= chunk
 
     def _admit(self, seq: Sequence, budget: int) -> int:
@@ -245,8 +246,9 @@ class Scheduler:
                     launched.append(None)  # aborted between schedule() and launch()
                 continue
             seq.num_computed += n_new
+            if row not in sampling or not seq.output_token_ids:
+                self.kv.cache_computed_prefix(seq)  # prefill progress, a finished prompt too, is shareable at once
             if row not in sampling:
-                self.kv.cache_computed_prefix(seq)  # chunked-prefill progress becomes shareable at once
                 continue
             if seq.held_choices and len(seq.output_token_ids) == 0:
                 self._release_held_choices(seq)
@@ -286,7 +288,6 @@ class Scheduler:
                 finished.append(seq)
         return advanced, finished
 
-    # ------------------------------------------------------------------ introspection
     def check_invariants(self) -> None:
         """No leaked, double-owned or wrongly-referenced page (tests call this after every scenario)."""
         self.kv.check_invariants(self.running, self.waiting)

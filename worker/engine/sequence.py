@@ -55,6 +55,8 @@ class Sequence:
     # newest one in its step's sampled-token tensor (what the next decode's input refers to).
     num_pending_tokens: int = 0
     future_row: int = -1
+    # chained hashes of the prompt's token blocks, computed on first use (worker.engine.shared_prefill)
+    prompt_block_hashes: list[int] | None = field(default=None, repr=False)
 
     @property
     def seq_id(self) -> tuple[str, int]:
