@@ -166,6 +166,14 @@ def test_engine_refuses_a_bad_prompt_logprobs(checkpoint, value):
     assert error.value.param == "prompt_logprobs"
 
 
+def test_the_sim_executor_refuses_prompt_logprobs():
+    engine = LLMEngine(EngineConfig(model="demo", executor="sim", sim_profile="h200-qwen3-0.6b", progress=False))
+    with pytest.raises(InvalidParameter, match="no prompt logprobs") as error:
+        engine.add_request(EngineRequest("sim", [1, 2, 3], greedy(), prompt_logprobs=1))
+    assert error.value.param == "prompt_logprobs"
+    engine.add_request(EngineRequest("plain", [1, 2, 3], greedy()))  # without them it runs as before
+
+
 # --------------------------------------------------------------------------- a worker, with the openai SDK
 @pytest.fixture(scope="module")
 def worker(checkpoint):
@@ -234,7 +242,7 @@ def test_echo_with_logprobs_puts_the_prompt_tokens_first(client, worker, checkpo
     # the echoed request computed its whole prompt, the plain one reused the cached prefix: rounding apart
     assert logprobs.token_logprobs[len(prompt):] == pytest.approx(plain.logprobs.token_logprobs, abs=TOLERANCE)
     assert logprobs.text_offset[0] == 0 and logprobs.text_offset[len(prompt)] == len(prompt_text)
-    assert getattr(echoed, "prompt_logprobs", None) is None  # echo alone does not add vLLM's field
+    assert_vllm_prompt_logprobs(hf, prompt, echoed.prompt_logprobs, 1)  # vLLM adds its field for echo too
 
     chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, logprobs=1,
                                             echo=True, stream=True))

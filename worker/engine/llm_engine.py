@@ -98,7 +98,8 @@ class LLMEngine:
         self.kv_tokens_total = num_pages * config.page_size
         self.scheduler = Scheduler(scheduler_config(config, self.max_model_len), self.cache)
         # an executor may return logits over only the first `logits_vocab_size` ids (sim: a small vocab)
-        sampler_vocab = getattr(self.executor, "logits_vocab_size", None) or self.model_config.vocab_size
+        self.logits_width = getattr(self.executor, "logits_vocab_size", None)
+        sampler_vocab = self.logits_width or self.model_config.vocab_size
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids)))
         grammars = GrammarMasks(self.tokenizer, max(sampler_vocab, self.model_config.vocab_size), self.eos_token_ids)
         self.sampler = Sampler(sampler_vocab, self.executor.device, seed=config.seed, grammars=grammars)
@@ -122,7 +123,7 @@ class LLMEngine:
         if req.request_id in self._requests:
             raise InvalidParameter("request_id", f"request {req.request_id!r} is already running")
         self._validate_lengths(req)
-        check_prompt_logprobs(req.prompt_logprobs)
+        check_prompt_logprobs(req.prompt_logprobs, self.logits_width, self.model_config.vocab_size)
         if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
         choices = [

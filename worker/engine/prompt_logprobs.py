@@ -35,11 +35,15 @@ from worker.sampling_params import MAX_LOGPROBS, InvalidParameter
 ROWS_PER_SLICE = 32  # log-softmax temporaries of at most [32, vocab] at a time
 
 
-def check_prompt_logprobs(value) -> None:
+def check_prompt_logprobs(value, logits_width: int | None, vocab_size: int) -> None:
+    """`logits_width`: how many token ids the executor's logits cover (None: all of them)."""
     if value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS:
         raise InvalidParameter("prompt_logprobs", f"must be an integer between 0 and {MAX_LOGPROBS}, got {value!r}")
+    if logits_width is not None and logits_width < vocab_size:  # the sim executor's shortcut
+        raise InvalidParameter("prompt_logprobs", f"this worker's executor returns logits over only the first "
+                               f"{logits_width} of {vocab_size} token ids, so it has no prompt logprobs")
 
 
 @dataclass

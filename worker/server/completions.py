@@ -5,7 +5,8 @@ choice `i` of prompt `p`, as in the OpenAI API.
 
 `echo` puts the prompt's text before each choice's text; with `logprobs` the prompt's tokens and their
 logprobs (the engine's prompt logprobs, the first token's null) also come first in `choices[].logprobs`.
-vLLM's `prompt_logprobs` adds `choices[].prompt_logprobs`. Streamed, both ride on a choice's first chunk.
+vLLM's `prompt_logprobs` adds `choices[].prompt_logprobs` (as in vLLM, echo with logprobs gives it too).
+Streamed, both ride on a choice's first chunk.
 """
 
 from __future__ import annotations
@@ -80,14 +81,16 @@ def _engine_prompt_logprobs(completion: CompletionRequest) -> int | None:
 def _with_prompt_parts(ctx: ServerContext, completion: CompletionRequest, generation: Generation, choice: dict,
                        output_logprobs: dict | None) -> dict:
     """A choice's first (or only) object with the prompt's parts added: the echoed prompt's logprobs before
-    the output's, and `prompt_logprobs` when asked."""
+    the output's, and `prompt_logprobs` whenever they were computed (as vLLM, also for echo with logprobs)."""
     entries = generation.prompt_logprob_entries or []
     if completion.echo and completion.logprobs is not None:
         prompt = CompletionLogprobs(ctx.token_texts).format_prompt(generation.prompt_token_ids, entries,
                                                                      completion.logprobs)
         choice["logprobs"] = joined_completion_logprobs(prompt, output_logprobs)
-    if completion.extras.prompt_logprobs is not None:
-        choice["prompt_logprobs"] = vllm_prompt_logprobs(entries, completion.extras.prompt_logprobs, ctx.token_texts)
+    if generation.prompt_logprobs is not None:
+        top_k = completion.extras.prompt_logprobs
+        choice["prompt_logprobs"] = vllm_prompt_logprobs(
+            entries, completion.logprobs if top_k is None else top_k, ctx.token_texts)
     return choice
 
 
@@ -156,7 +159,7 @@ async def _stream(request: web.Request, ctx: ServerContext, completion: Completi
         header["usage"] = None
     offsets = [len(echo[i // n]) if echo else 0 for i in range(n * len(generations))]
     logprob_formatters = [CompletionLogprobs(ctx.token_texts, offset) for offset in offsets]
-    with_prompt_parts = echo or completion.extras.prompt_logprobs is not None
+    with_prompt_parts = echo or generations[0].prompt_logprobs is not None
     prompt_pending = set(range(n * len(generations))) if with_prompt_parts else set()
 
     def chunks(updates: list[ChoiceUpdate]) -> list[dict]:
