@@ -146,7 +146,7 @@ def run_window(llm, prompt_ids: list[list[int]], params, warmup: int, steps: int
 def bench_batch(llm, batch: int, args) -> dict:
     prompt_ids = prompts(llm.tokenizer, batch)
     # enough tokens that no row ends inside the window, even with a step's worth of overlap lag
-    max_tokens = args.warmup + args.steps + 8
+    max_tokens = args.warmup + args.steps + 32
     row: dict = {"batch": batch, "prompt_tokens_mean": sum(map(len, prompt_ids)) / batch}
     for mode in MODES:
         params = sampling_params(mode, max_tokens, args.temperature)

@@ -220,9 +220,9 @@ class LLMEngine:
             logits = self.executor.forward(forward_batch, future_tokens=future_tokens)
         else:
             logits = self.executor.forward(forward_batch)
-        # states before launch(): the sampler must see the outputs without this step's placeholders
         prompt = PendingPromptLogprobs(logits[len(rows):], prompt_rows) if prompt_rows else None
         logits = logits[: len(rows)]
+        # states before launch(): the sampler must see the outputs without this step's placeholders
         sample = self.sampler.sample_async(logits, sampling_states(batch, rows, self.eos_token_ids)) if rows else None
         return _LaunchedStep(self.scheduler.launch(batch, rows), sample, prompt)
 
