@@ -15,7 +15,7 @@ def test_cpu_smoke_run_writes_both_modes_per_batch(tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     argv = ["--model", "demo", "--device", "cpu", "--batch", "1", "3", "--steps", "3", "--warmup", "1",
-            "--out", str(out)]
+            "--repeats", "2", "--out", str(out)]
     assert grammar_engine_bench.main(argv) == 0
     report = json.loads(out.read_text())
     setting = report["setting"]
@@ -26,7 +26,8 @@ def test_cpu_smoke_run_writes_both_modes_per_batch(tmp_path, capsys):
         for mode in ("none", "json_schema"):
             result = row[mode]
             assert result["tokens"] == row["batch"] * 3  # one token per row per timed step
-            assert result["ms_per_step"] > 0
+            assert result["ms_per_step"] > 0 and result["ms_per_step"] in result["ms_per_step_runs"]
+            assert len(result["ms_per_step_runs"]) == 2
         forced = '{"title": "'  # what the schema allows first, whatever the model prefers
         for mode, constrained in (("json_schema", True), ("none", False)):
             text = row[mode]["sample_text"]
