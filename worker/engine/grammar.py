@@ -178,7 +178,14 @@ class GrammarMasks:
             self._advance(entry, state.output_token_ids)
             if entry.broken:
                 continue
-            entry.matcher.fill_next_token_bitmask(bitmask, j)
+            if entry.matcher.is_terminated():
+                # the grammar is complete and took its stop token, yet the row goes on (ignore_eos): all it
+                # allows now is ending again (xgrammar refuses to fill a mask for a terminated matcher)
+                bitmask[j] = 0
+                for eos in self._eos:
+                    bitmask[j, eos // 32] |= _bit(eos % 32)
+            else:
+                entry.matcher.fill_next_token_bitmask(bitmask, j)
             masked.append(j)
         if not masked:
             return
@@ -190,6 +197,11 @@ class GrammarMasks:
 
     def forget(self) -> None:
         self._matchers.clear()
+
+
+def _bit(position: int) -> int:
+    """The int32 value with only bit `position` set (bit 31 is the sign bit)."""
+    return (1 << position) - (1 << 32 if position == 31 else 0)
 
 
 _BIT_POSITIONS: dict[torch.device, torch.Tensor] = {}

@@ -27,6 +27,8 @@ from worker.cache.radix_cache import RadixCache
 from worker.config import ConfigError, EngineConfig
 from worker.engine.forward_batch import build_forward_batch, sampling_states
 from worker.engine.grammar import GrammarMasks
+from worker.engine.prompt_logprobs import (PendingPromptLogprobs, add_prompt_rows, check_prompt_logprobs,
+                                           take_prompt_logprobs)
 from worker.engine.protocol import ContextLengthExceeded, EngineOutput, EngineRequest, EngineStats, QueueFullError
 from worker.engine.sampler import PendingSample, Sampler
 from worker.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -45,11 +47,13 @@ class _LaunchedStep:
     `seqs[j]` is the sequence (None: aborted) of the j-th sampled token, `sample` the tokens on their way.
     """
 
-    __slots__ = ("seqs", "sample", "needs_host_tokens")
+    __slots__ = ("seqs", "sample", "needs_host_tokens", "prompt_logprobs")
 
-    def __init__(self, seqs: list[Sequence | None], sample: PendingSample | None):
+    def __init__(self, seqs: list[Sequence | None], sample: PendingSample | None,
+                 prompt_logprobs: PendingPromptLogprobs | None = None):
         self.seqs = seqs
         self.sample = sample
+        self.prompt_logprobs = prompt_logprobs  # of the prompt positions this step computed, if any asked
         # bad words and grammars read the output tokens on the host: the next step cannot start
         # before these are known
         self.needs_host_tokens = any(s is not None and s.params.needs_output_tokens for s in seqs)
@@ -96,7 +100,8 @@ class LLMEngine:
         self.kv_tokens_total = num_pages * config.page_size
         self.scheduler = Scheduler(scheduler_config(config, self.max_model_len), self.cache)
         # an executor may return logits over only the first `logits_vocab_size` ids (sim: a small vocab)
-        sampler_vocab = getattr(self.executor, "logits_vocab_size", None) or self.model_config.vocab_size
+        self.logits_width = getattr(self.executor, "logits_vocab_size", None)
+        sampler_vocab = self.logits_width or self.model_config.vocab_size
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids)))
         grammars = GrammarMasks(self.tokenizer, max(sampler_vocab, self.model_config.vocab_size), self.eos_token_ids)
         self.sampler = Sampler(sampler_vocab, self.executor.device, seed=config.seed, grammars=grammars)
@@ -121,6 +126,7 @@ class LLMEngine:
         if req.request_id in self._requests:
             raise InvalidParameter("request_id", f"request {req.request_id!r} is already running")
         self._validate_lengths(req)
+        check_prompt_logprobs(req.prompt_logprobs, self.logits_width, self.model_config.vocab_size)
         if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
         choices = [
@@ -130,6 +136,7 @@ class LLMEngine:
                 prompt_token_ids=list(req.prompt_token_ids),
                 params=req.params,
                 arrival_time=req.arrival_time,
+                prompt_logprobs=req.prompt_logprobs if i == 0 else None,  # a request's, not a choice's
             )
             for i in range(req.params.n)
         ]
@@ -209,18 +216,23 @@ class LLMEngine:
         `future_tokens`: the previous step's sampled-token tensor, which decodes of pending tokens read.
         """
         forward_batch, rows = build_forward_batch(batch, self.cache.page_size)
+        prompt_rows = add_prompt_rows(forward_batch, batch)  # their logits come after the sampling rows'
         if future_tokens is not None and batch.num_decodes and bool(
             (forward_batch.input_ids[: batch.num_decodes] < 0).any()
         ):
             logits = self.executor.forward(forward_batch, future_tokens=future_tokens)
         else:
             logits = self.executor.forward(forward_batch)
+        prompt = PendingPromptLogprobs(logits[len(rows):], prompt_rows) if prompt_rows else None
+        logits = logits[: len(rows)]
         # states before launch(): the sampler must see the outputs without this step's placeholders
         sample = self.sampler.sample_async(logits, sampling_states(batch, rows, self.eos_token_ids)) if rows else None
-        return _LaunchedStep(self.scheduler.launch(batch, rows), sample)
+        return _LaunchedStep(self.scheduler.launch(batch, rows), sample, prompt)
 
     def _resolve(self, step: _LaunchedStep) -> list[EngineOutput]:
         """Read back a launched step's tokens, apply them and its stop conditions; its outputs."""
+        if step.prompt_logprobs is not None:
+            step.prompt_logprobs.collect()  # before the outputs: the first token's carries them
         if step.sample is None:
             return []
         result = step.sample.result()
@@ -244,6 +256,7 @@ class LLMEngine:
             stop_token_id=seq.stop_token_id,
             num_prompt_tokens=len(seq.prompt_token_ids),
             num_cached_tokens=max(first.num_cached_tokens, 0),
+            prompt_logprobs=take_prompt_logprobs(seq) if new_tokens else None,
         )
 
     def _forget_if_done(self, request_id: str) -> None:

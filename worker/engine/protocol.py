@@ -31,6 +31,9 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    # vLLM's prompt_logprobs: the logprob of every prompt token (after the first) and the k most likely
+    # tokens at each position; None: not asked (worker.engine.prompt_logprobs)
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -60,6 +63,8 @@ class EngineOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # set when the engine failed this request
+    # on the first event of choice 0 of a request that asked: one entry per prompt token, None for the first
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:

@@ -152,10 +152,12 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Start `seq` from its cached prefix, reserve KV and move it to running. Returns the chunk (0: not)."""
         first_admission = seq.num_cached_tokens < 0
-        num_cached = self.kv.attach_cached_prefix(seq, record=first_admission)
+        # prompt logprobs need every prompt position's logits: such a prompt is computed whole, not matched
+        num_cached = 0 if seq.needs_prompt_logits else self.kv.attach_cached_prefix(seq, record=first_admission)
         chunk = self._fit_chunk(seq, budget, admitting=True)
         if chunk == 0:
-            self.kv.detach_cached_prefix(seq)
+            if seq.tree_node is not None:
+                self.kv.detach_cached_prefix(seq)
             return 0
         if first_admission:
             seq.num_cached_tokens = num_cached
@@ -172,7 +174,7 @@ class Scheduler:
             # keep room for the running batch's decode growth and this sequence's own
             available -= self.reserve.pages(self.running) + self.reserve.pages([seq])
         room_tokens = (len(seq.pages) + max(available, 0)) * self.kv.page_size - seq.num_computed
-        chunk = min(seq.num_uncomputed, budget, room_tokens)
+        chunk = min(seq.num_uncomputed, budget, room_tokens, seq.max_prefill_chunk())
         if chunk <= 0 or not self.kv.grow(seq, seq.num_computed + chunk):
             return 0
         return chunk

@@ -19,6 +19,11 @@ _arrival_counter = itertools.count()
 # model runner replaces it by a reference into the previous step's sampled-token tensor.
 PLACEHOLDER_TOKEN = -1
 
+# A sequence computing prompt logprobs returns logits for every position of its chunk; capping the chunk
+# bounds those [chunk, vocab] float32 rows (256 x 152k is 156 MB) near what the CUDA executor's memory
+# plan reserves for a step's logits.
+PROMPT_LOGITS_PER_STEP = 256
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
@@ -57,6 +62,11 @@ class Sequence:
     future_row: int = -1
     # chained hashes of the prompt's token blocks, computed on first use (worker.engine.shared_prefill)
     prompt_block_hashes: list[int] | None = field(default=None, repr=False)
+    # prompt logprobs (choice 0 of a request that asked; worker.engine.prompt_logprobs): the top-k asked,
+    # and the entries known so far, entry i being prompt token i + 1's (computed from position i's logits)
+    prompt_logprobs: int | None = None
+    prompt_logprob_entries: list = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     @property
     def seq_id(self) -> tuple[str, int]:
@@ -73,6 +83,15 @@ class Sequence:
     def num_uncomputed(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""
         return self.num_tokens - self.num_computed
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether prompt positions of this sequence still need their logits (so it is prefilled from the
+        start, never from a cached prefix, in chunks of at most PROMPT_LOGITS_PER_STEP tokens)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprob_entries) < len(self.prompt_token_ids) - 1
+
+    def max_prefill_chunk(self) -> int:
+        return PROMPT_LOGITS_PER_STEP if self.needs_prompt_logits else self.num_tokens
 
     @property
     def is_decoding(self) -> bool:

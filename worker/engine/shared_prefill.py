@@ -66,7 +66,8 @@ class PrefillsInFlight:
     def would_duplicate(self, seq: Sequence, cached_length: Callable[[Sequence], int]) -> bool:
         """Admitting `seq` now would compute at least MIN_SHARED_TOKENS that a prefill in flight computes.
         `cached_length(seq)`: what the radix cache holds of it now (asked only when something is in flight)."""
-        if not self._blocks or seq.num_preemptions or seq.output_token_ids:
-            return False  # resumed sequences go first: they were admitted before and hold their place
+        if not self._blocks or seq.num_preemptions or seq.output_token_ids or seq.needs_prompt_logits:
+            # resumed sequences go first (they hold their place); prompt-logprob ones compute it all anyway
+            return False
         shared = self.shared_tokens(seq)
         return shared >= MIN_SHARED_TOKENS and shared - cached_length(seq) >= MIN_SHARED_TOKENS

@@ -2,6 +2,7 @@
 
 Each choice's text is split by `ChoiceOutput` into content, reasoning_content (with --reasoning-parser)
 and tool_calls (tool_choice auto with a tool-call parser, or required / named enforced by a grammar).
+vLLM's `prompt_logprobs` adds a top-level `prompt_logprobs` (streamed: on the first chunk).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from worker.server.chat_output import ChoiceOutput, finish_reason_with_calls
 from worker.server.context import CTX_KEY, ServerContext, new_response_id, read_json, usage
 from worker.server.extra_fields import ignored_fields_header
 from worker.server.generation import ChoiceUpdate, Generation, merge_choice_updates
-from worker.server.logprobs import chat_logprobs
+from worker.server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from worker.server.protocol import ChatRequest, parse_chat_request
 from worker.server.streaming import ClientGone, SSEWriter, end_with_error, json_response
 
@@ -36,6 +37,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         chat.params.max_tokens = max(1, min(ctx.default_max_tokens, ctx.max_model_len - len(prompt_ids)))
     ctx.check_generation_budget(prompt_ids, chat.params, max_name)
     generation = ctx.new_generation(prompt_ids, chat.params, param_names={"prompt": "messages", "max_tokens": max_name})
+    generation.prompt_logprobs = chat.extras.prompt_logprobs
     generation.start()
     try:
         first = await generation.first_updates()  # raises ApiError when the engine refuses the request
@@ -57,6 +59,14 @@ def _response_id(chat: ChatRequest) -> str:
     return f"chatcmpl-{chat.extras.request_id}" if chat.extras.request_id else new_response_id("chatcmpl")
 
 
+def _prompt_logprobs(ctx: ServerContext, chat: ChatRequest, generation: Generation) -> dict:
+    """{"prompt_logprobs": [...]} when the request asked for them, else {} (the response is unchanged)."""
+    if chat.extras.prompt_logprobs is None:
+        return {}
+    entries = generation.prompt_logprob_entries or []
+    return {"prompt_logprobs": vllm_prompt_logprobs(entries, chat.extras.prompt_logprobs, ctx.token_texts)}
+
+
 def _complete(ctx: ServerContext, chat: ChatRequest, generation: Generation, updates: list[ChoiceUpdate]) -> web.Response:
     choices = []
     outputs = _outputs(ctx, chat)
@@ -76,6 +86,7 @@ def _complete(ctx: ServerContext, chat: ChatRequest, generation: Generation, upd
         "model": ctx.model_name,
         "choices": choices,
         "usage": usage(generation.num_prompt_tokens, generation.num_completion_tokens, generation.num_cached_tokens),
+        **_prompt_logprobs(ctx, chat, generation),
     })
 
 
@@ -120,6 +131,7 @@ async def _stream(request: web.Request, ctx: ServerContext, chat: ChatRequest, g
     try:
         await writer.prepare()
         roles = [chunk(i, {"role": "assistant", "content": ""}) for i in range(chat.params.n)]
+        roles[0].update(_prompt_logprobs(ctx, chat, generation))
         await writer.send(roles + chunks(first))
         try:
             async for updates in generation.updates():

@@ -2,6 +2,11 @@
 
 A batch of prompts becomes one engine request per prompt; choice `p * n + i` of the response is
 choice `i` of prompt `p`, as in the OpenAI API.
+
+`echo` puts the prompt's text before each choice's text; with `logprobs` the prompt's tokens and their
+logprobs (the engine's prompt logprobs, the first token's null) also come first in `choices[].logprobs`.
+vLLM's `prompt_logprobs` adds `choices[].prompt_logprobs` (as in vLLM, echo with logprobs gives it too).
+Streamed, both ride on a choice's first chunk.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from aiohttp import web
 from worker.server.context import CTX_KEY, ServerContext, new_response_id, read_json, usage
 from worker.server.extra_fields import ignored_fields_header
 from worker.server.generation import ChoiceUpdate, Generation, merge_choice_updates, merge_generations
-from worker.server.logprobs import CompletionLogprobs
+from worker.server.logprobs import CompletionLogprobs, joined_completion_logprobs, vllm_prompt_logprobs
 from worker.server.protocol import CompletionRequest, parse_completion_request
 from worker.server.streaming import ClientGone, SSEWriter, end_with_error, json_response
 
@@ -41,6 +46,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
                            param_names={"prompt": f"prompt[{p}]"} if many else None)
         for p, ids in enumerate(prompt_ids)
     ]
+    for generation in generations:
+        generation.prompt_logprobs = _engine_prompt_logprobs(completion)
     try:
         for generation in generations:
             generation.start()
@@ -61,6 +68,30 @@ def _echo_texts(ctx: ServerContext, completion: CompletionRequest, prompt_ids: l
     if not completion.echo:
         return None
     return [p if isinstance(p, str) else ctx.tokenizer.decode(ids) for p, ids in zip(completion.prompts, prompt_ids)]
+
+
+def _engine_prompt_logprobs(completion: CompletionRequest) -> int | None:
+    """The top k of prompt logprobs the engine computes: what prompt_logprobs asks, and for echo with
+    logprobs the prompt's own top `logprobs` (vLLM: echo alone defaults prompt_logprobs to logprobs)."""
+    wanted = [k for k in (completion.extras.prompt_logprobs, completion.logprobs if completion.echo else None)
+              if k is not None]
+    return max(wanted) if wanted else None
+
+
+def _with_prompt_parts(ctx: ServerContext, completion: CompletionRequest, generation: Generation, choice: dict,
+                       output_logprobs: dict | None) -> dict:
+    """A choice's first (or only) object with the prompt's parts added: the echoed prompt's logprobs before
+    the output's, and `prompt_logprobs` whenever they were computed (as vLLM, also for echo with logprobs)."""
+    entries = generation.prompt_logprob_entries or []
+    if completion.echo and completion.logprobs is not None:
+        prompt = CompletionLogprobs(ctx.token_texts).format_prompt(generation.prompt_token_ids, entries,
+                                                                     completion.logprobs)
+        choice["logprobs"] = joined_completion_logprobs(prompt, output_logprobs)
+    if generation.prompt_logprobs is not None:
+        top_k = completion.extras.prompt_logprobs
+        choice["prompt_logprobs"] = vllm_prompt_logprobs(
+            entries, completion.logprobs if top_k is None else top_k, ctx.token_texts)
+    return choice
 
 
 def best_choices(totals: list[ChoiceUpdate], best_of: int, keep: int) -> list[ChoiceUpdate]:
@@ -101,13 +132,13 @@ async def _complete(ctx: ServerContext, completion: CompletionRequest, generatio
         logprobs = None
         if completion.logprobs is not None:
             logprobs = CompletionLogprobs(ctx.token_texts, len(prefix)).format(total.logprobs or [])
-        choices.append({
+        choices.append(_with_prompt_parts(ctx, completion, generations[total.index // n], {
             "index": total.index,
             "text": prefix + total.text,
             "logprobs": logprobs,
             "finish_reason": total.finish_reason,
             "stop_reason": total.stop_reason,
-        })
+        }, logprobs))
     return json_response({
         "id": _response_id(completion),
         "object": "text_completion",
@@ -128,21 +159,26 @@ async def _stream(request: web.Request, ctx: ServerContext, completion: Completi
         header["usage"] = None
     offsets = [len(echo[i // n]) if echo else 0 for i in range(n * len(generations))]
     logprob_formatters = [CompletionLogprobs(ctx.token_texts, offset) for offset in offsets]
-    echo_pending = set(range(n * len(generations))) if echo else set()
+    with_prompt_parts = echo or generations[0].prompt_logprobs is not None
+    prompt_pending = set(range(n * len(generations))) if with_prompt_parts else set()
 
     def chunks(updates: list[ChoiceUpdate]) -> list[dict]:
         events = []
         for update in updates:
             text = update.text
-            if update.index in echo_pending:
-                echo_pending.discard(update.index)
+            first = update.index in prompt_pending
+            prompt_pending.discard(update.index)
+            if first and echo:
                 text = echo[update.index // n] + text
             logprobs = None
             if completion.logprobs is not None and update.logprobs:
                 logprobs = logprob_formatters[update.index].format(update.logprobs)
-            if text or logprobs or update.finish_reason:
-                event = {**header, "choices": [{"index": update.index, "text": text, "logprobs": logprobs,
-                                                "finish_reason": update.finish_reason}]}
+            if text or logprobs or update.finish_reason or first:
+                choice = {"index": update.index, "text": text, "logprobs": logprobs,
+                          "finish_reason": update.finish_reason}
+                if first:
+                    choice = _with_prompt_parts(ctx, completion, generations[update.index // n], choice, logprobs)
+                event = {**header, "choices": [choice]}
                 if completion.continuous_usage:
                     event["usage"] = usage(*_totals(generations))
                 events.append(event)

@@ -32,7 +32,7 @@ KNOWN_UNIMPLEMENTED_FIELDS = frozenset({
     "use_beam_search", "length_penalty", "spaces_between_special_tokens", "documents", "mm_processor_kwargs",
     "guided_decoding_backend", "guided_whitespace_pattern", "structural_tag", "logits_processors",
     "return_tokens_as_token_ids", "return_token_ids", "cache_salt", "kv_transfer_params", "vllm_xargs",
-    "prompt_logprobs", "media_io_kwargs", "include_reasoning", "prompt_embeds", "lora_request",
+    "media_io_kwargs", "include_reasoning", "prompt_embeds", "lora_request",
     "bootstrap_host", "bootstrap_port", "bootstrap_room", "lora_path", "return_hidden_states",
     "audio", "prediction", "web_search_options", "functions", "function_call",
 })

@@ -85,6 +85,9 @@ class Generation:
         self._first_token_time: float | None = None
         self._scheduled_time: float | None = None  # sent by engines that report it (see worker.server.metrics)
         self._finish_reason_of_first = FinishReason.ABORT  # the metrics label of the request
+        self.prompt_logprobs: int | None = None  # top-k of the prompt logprobs to ask for (set before start)
+        # what the engine sent with choice 0's first tokens: one entry per prompt token, None first
+        self.prompt_logprob_entries: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -92,7 +95,8 @@ class Generation:
 
     def start(self) -> None:
         """Send the request to the engine (raises ApiError when the engine cannot take it)."""
-        self._stream = self.client.submit(EngineRequest(self.request_id, self.prompt_token_ids, self.params))
+        self._stream = self.client.submit(EngineRequest(self.request_id, self.prompt_token_ids, self.params,
+                                                        prompt_logprobs=self.prompt_logprobs))
 
     async def first_updates(self) -> list[ChoiceUpdate]:
         """The first updates; raises ApiError if the engine rejected the request."""
@@ -155,6 +159,8 @@ class Generation:
         if self._finished[i]:
             return None  # the engine's echo of an abort we sent after a stop string
         self.num_cached_tokens = max(self.num_cached_tokens, output.num_cached_tokens)
+        if output.prompt_logprobs is not None:
+            self.prompt_logprob_entries = output.prompt_logprobs
         self.num_completion_tokens += len(output.new_token_ids)
         text_state = self._texts[i]
         text, stop_str = text_state.feed(output.new_token_ids, output.stop_token_id)

@@ -44,7 +44,7 @@ _SAMPLING_FIELDS = (
 # Fields every generation endpoint reads (vLLM's names for its extensions).
 _COMMON_FIELDS = {
     "model", "stream", "stream_options", "max_tokens", "logit_bias", "allowed_token_ids", "bad_words",
-    "truncate_prompt_tokens", "add_special_tokens", "request_id", *_SAMPLING_FIELDS, *STRUCTURED_FIELDS,
+    "truncate_prompt_tokens", "add_special_tokens", "request_id", "prompt_logprobs", *_SAMPLING_FIELDS, *STRUCTURED_FIELDS,
     *NO_EFFECT_FIELDS,
 }
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "logprobs", "echo", "suffix", "best_of"}
@@ -92,6 +92,7 @@ class GenerationExtras:
     request_id: str | None = None  # the client's id, used as the response id
     structured: StructuredOutput | None = None
     structured_param: str | None = None  # the field the constraint came from (for error messages)
+    prompt_logprobs: int | None = None  # vLLM's: the logprob and top k of every prompt token
 
 
 @dataclass
@@ -225,6 +226,10 @@ def _extras(body: dict, ignored: list[str]) -> GenerationExtras:
         raise bad_request("truncate_prompt_tokens", "'truncate_prompt_tokens' must be a positive number of "
                           "tokens, or -1 for the context length.")
     constraint, constraint_param = structured_output(body)
+    prompt_logprobs = _positive_int_or_none(body, "prompt_logprobs")
+    if prompt_logprobs is not None and not 0 <= prompt_logprobs <= MAX_LOGPROBS:
+        raise bad_request("prompt_logprobs", f"'prompt_logprobs' must be between 0 and {MAX_LOGPROBS}, got "
+                          f"{prompt_logprobs} (-1, the whole vocabulary, is not supported).")
     return GenerationExtras(
         ignored_fields=ignored,
         add_special_tokens=_get(body, "add_special_tokens", bool, None, "a boolean"),
@@ -233,6 +238,7 @@ def _extras(body: dict, ignored: list[str]) -> GenerationExtras:
         request_id=_get(body, "request_id", str, None, "a string"),
         structured=constraint,
         structured_param=constraint_param,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -308,8 +314,6 @@ def parse_completion_request(body: Any, strict: bool = False) -> CompletionReque
     logprobs = _positive_int_or_none(body, "logprobs")
     if logprobs is not None and not (0 <= logprobs <= MAX_LOGPROBS):
         raise bad_request("logprobs", f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {logprobs}.")
-    if echo and logprobs is not None:
-        raise bad_request("echo", "'echo' together with 'logprobs' (prompt logprobs) is not supported.")
     max_tokens = _positive_int_or_none(body, "max_tokens")
     params = _sampling_params(body, 16 if max_tokens is None else max_tokens, "max_tokens", logprobs, "logprobs")
     best_of = _positive_int_or_none(body, "best_of")
