@@ -9,10 +9,14 @@ The profile (`--sim-profile PATH` or a built-in name: a file in worker/executor/
 GPU memory the worker had, so the KV capacity can follow `--mem-fraction` as on the GPU:
 
     {"name": "h200-llama3-8b", "model": "llama3-8b", "device": "NVIDIA H200",
-     "cost_model": {"form": "linear-v1", "coefficients_s": {"const": 0.006, "prefill_tokens": 3e-5, ...}},
+     "cost_model": {"form": "eager-v2", "coefficients_s": {"const": 0.005, "prefill_step": 0.01, ...}},
      "memory": {"gpu_total_bytes": ..., "weights_bytes": ..., "reserved_bytes": ...},   (optional)
      "sampling": {"eos_probability": 1e-4},                                              (optional)
-     "fit": {"r2": ..., "max_rel_error": ...}}
+     "fit": {"r2": ..., "max_rel_error": ...},
+     "samples": [{"f": "decode", "d": [decodes, context, max context], "p": [[prefix, new], ...], "s": 0.006}]}
+
+The cost model's forms ("eager-v2", and the older "linear-v1" that earlier profiles hold) are described in
+worker.executor.sim_cost_model; "samples" (the measured steps, for `bench calibrate --refit`) are not read here.
 
 KV capacity: `--kv-cache-tokens` when it is given (differs from its default), else the profile's memory
 model at `--mem-fraction` (GPU total * fraction - weights - reserved), else the `--kv-cache-tokens` default.
