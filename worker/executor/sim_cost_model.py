@@ -175,6 +175,13 @@ class CostModel:
     def step_seconds(self, shape: StepShape) -> float:
         return float(sum(c * x for c, x in zip(self.coefficients, shape.features(self.form))))
 
+    def host_seconds(self, shape: StepShape) -> float:
+        """The part of step_seconds taken as host time: the eager step's fixed cost (kernel launches from
+        Python), which on a GPU shared by several workers overlaps the others' GPU work. 0 in linear-v1."""
+        if "prefill_step" not in self.features:
+            return 0.0
+        return self.coefficients[self.features.index("prefill_step")] * shape.value("prefill_step")
+
 
 @dataclass(frozen=True)
 class FitResult:
