@@ -490,6 +490,21 @@ def locust_argv(args, host: str, csv_prefix: Path, samples: Path) -> list[str]:
     return argv
 
 
+def watch_goal(goal: LoadGoal, proc: subprocess.Popen, urls: list[str], start: float) -> None:
+    """Checks the goal every half second while locust runs; stops locust once it is reached."""
+    while proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            reached = goal.check(urls)
+        except (OSError, ValueError, BenchError) as exc:  # a missed check is retried; the run goes on
+            print(f"    load goal: check failed ({exc}); retrying", flush=True)
+            continue
+        if reached:
+            proc.terminate()  # locust stops its users and writes the samples as on -t
+            print(f"    {time.monotonic() - start:5.0f}s  {goal.target} requests done: stopping", flush=True)
+            return
+
+
 def run_locust(args, host: str, urls: list[str], logs: Path, tag: str, goal: LoadGoal | None = None) -> dict:
     samples_path = logs / f"{tag}_samples.json"
     log_path = logs / f"{tag}_locust.log"
@@ -499,14 +514,14 @@ def run_locust(args, host: str, urls: list[str], logs: Path, tag: str, goal: Loa
     start = time.monotonic()
     before = counters(urls)
     next_report = start + args.progress_s
-    stopping = False
+    watcher = None
+    if goal is not None:
+        # its own thread: a progress line reads every worker's counters, which at 128 loaded sim workers
+        # takes tens of seconds, and the stop must not wait for that
+        watcher = threading.Thread(target=watch_goal, args=(goal, proc, urls, start), daemon=True, name="load-goal")
+        watcher.start()
     while proc.poll() is None:
         time.sleep(0.5)
-        if goal is not None and not stopping:
-            if goal.check(urls):
-                stopping = True
-                proc.terminate()  # locust stops its users and writes the samples as on -t
-                print(f"    {time.monotonic() - start:5.0f}s  {goal.target} requests done: stopping", flush=True)
         if time.monotonic() >= next_report and proc.poll() is None:
             next_report += args.progress_s
             hits, queries = hit_totals(before, counters(urls))
@@ -516,6 +531,8 @@ def run_locust(args, host: str, urls: list[str], logs: Path, tag: str, goal: Loa
         if time.monotonic() - start > args.duration + 120:
             proc.kill()
             raise BenchError(f"locust did not finish within {args.duration + 120}s; see {log_path}")
+    if watcher is not None:
+        watcher.join(timeout=60)
     if not samples_path.exists():
         raise BenchError(f"locust exited with {proc.returncode} and wrote no samples: {log_tail(log_path)} "
                          f"(full log: {log_path})")
