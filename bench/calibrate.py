@@ -5,10 +5,13 @@ On the GPU machine (one H200; llama3-8b with random weights of its shape):
     radixfleet bench calibrate --model llama3-8b --out worker/executor/sim_profiles/h200-llama3-8b.json
 
 Expected duration there: the engine start (on a fresh machine the first use of `llama3-8b` also writes its
-16 GB random-weight checkpoint: about 1-2 minutes, not GPU-bound; later starts load it in ~20-40 s and
-capture the decode CUDA graphs), then about 30-60 s of measuring (about 700 steps; the measuring stops
-early at `--budget-s`, 120 s by default, and says which cells it skipped). Under 150 s of GPU time past
-the checkpoint write.
+16 GB random-weight checkpoint, about 1-2 minutes; pass `--model /tmp/ckpt/llama3-8b-seed0-gpu` or whatever
+folder the fleet run already wrote to skip that; a start from an existing checkpoint loads it and captures
+the decode CUDA graphs in ~20-40 s), then the measuring: about 60 warm-up steps and 330 measured ones
+(138 decode/admit, 77 prefill, 116 doc-QA), which the shipped linear-v1 profile prices at ~7 s of GPU time
+(more with the eager steps' ~10 ms each: ~10 s), plus the engine's host time per step: well under a
+minute. `--budget-s` (120 s by default) stops it starting new grid cells past that and names the ones it
+skipped. In all about 60-100 s from an existing checkpoint, under the 150 s asked for.
 
 Offline, anywhere (no GPU, no engine): refit a profile from the raw samples it stores, e.g. after a change
 to the cost model's form:
