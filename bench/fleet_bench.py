@@ -24,6 +24,10 @@ Many sim workers (--executor sim with --workers over 8, or --sim-host one-proces
 for a host that cannot keep up (the sim-fleet's host_busy lines, kept in the row as sim_host_busy_pct, say
 when): req/s are then multiplied and latencies divided by S, and each row records its time_scale.
 
+Length of the load: --duration seconds, or for doc-QA until R requests per document have completed
+(--requests-per-document R; the duration is then a cap), so that fleets of different sizes pay the same share
+of cold misses; --warmup-requests-per-document W adds the hit rate past the first W x documents requests.
+
 The router's added latency is measured during the same load (router_added_* in each row of our routers):
 paired probes, TTFT through the router minus TTFT straight at the worker the router chose, beside a control
 pair with no router in it (its spread is the noise floor), and the mean of the router's own
