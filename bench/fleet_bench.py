@@ -24,6 +24,10 @@ Many sim workers (--executor sim with --workers over 8, or --sim-host one-proces
 for a host that cannot keep up (the sim-fleet's host_busy lines, kept in the row as sim_host_busy_pct, say
 when): req/s are then multiplied and latencies divided by S, and each row records its time_scale.
 
+Length of the load: --duration seconds, or for doc-QA until R requests per document have completed
+(--requests-per-document R; the duration is then a cap), so that fleets of different sizes pay the same share
+of cold misses; --warmup-requests-per-document W adds the hit rate past the first W x documents requests.
+
 The router's added latency is measured during the same load (router_added_* in each row of our routers):
 paired probes, TTFT through the router minus TTFT straight at the worker the router chose, beside a control
 pair with no router in it (its spread is the noise floor), and the mean of the router's own
@@ -313,6 +317,7 @@ class LatencyProbe(threading.Thread):
         self.added: list[float] = []
         self.control: list[float] = []
         self.direct_ttfts: list[float] = []  # the probes the workers saw with no router in front
+        self.sent_via_router = 0  # taken out of the router's request count (LoadGoal)
         self.errors = 0
         self._stopping = threading.Event()
 
@@ -333,6 +338,7 @@ class LatencyProbe(threading.Thread):
                     self.errors += 1
 
     def _pair(self, http, n: int) -> None:
+        self.sent_via_router += 1
         via_router, worker_id = probe_ttft(http, self.router_url, self.body(3 * n))
         index = worker_id[1:] if worker_id and worker_id.startswith("w") else ""
         if not index.isdigit() or int(index) >= len(self.worker_urls):
@@ -426,6 +432,51 @@ def _pythonpath_with_root() -> str:
     return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
+# --- a load measured in requests per document --------------------------------------------------------------
+# In a fixed --duration a bigger fleet (or a slower host) serves fewer requests per document, and the first
+# request for each document is a cold miss on every router: the hit rate then falls with N for a reason that
+# has nothing to do with routing. --requests-per-document R ends the load once R x documents requests have
+# completed, so every size pays the same share of cold misses; --warmup-requests-per-document W also reports
+# the hit rate over the requests after the first W x documents (hit_rate_after_warmup: the steady state).
+
+class LoadGoal:
+    """When to snapshot the workers' counters (end of warm-up) and when to stop the load."""
+
+    def __init__(self, documents: int, requests_per_document: float | None, warmup_per_document: float | None):
+        self.target = None if requests_per_document is None else math.ceil(requests_per_document * documents)
+        self.warmup = None if warmup_per_document is None else math.ceil(warmup_per_document * documents)
+        self.count = None  # callable: requests completed since the load started
+        self.warm_counters: list[dict] | None = None
+        self.reached = False
+
+    def watch(self, router_url: str, worker_urls: list[str], ours: bool, probe: "LatencyProbe | None") -> None:
+        """Count completed requests from the router's own histogram (ours: one scrape, whatever the fleet
+        size; the latency probes sent through it taken out), else from the workers' (peers)."""
+        if ours:
+            def completed() -> float:
+                sent = probe.sent_via_router if probe is not None else 0
+                return histogram_totals(router_url, "radixfleet_router_request_duration_seconds")[1] - sent
+        else:
+            def completed() -> float:
+                total = [c["requests"] for c in counters(worker_urls)]
+                if any(r is None for r in total):
+                    raise BenchError("--requests-per-document needs request counts in the workers' /metrics")
+                return sum(total)
+        start = completed()
+        self.count = lambda: completed() - start
+
+    def check(self, worker_urls: list[str]) -> bool:
+        """Called during the load; True once the load should stop."""
+        if self.count is None or self.reached:
+            return self.reached
+        done = self.count()
+        if self.warmup is not None and self.warm_counters is None and done >= self.warmup:
+            self.warm_counters = counters(worker_urls)
+        if self.target is not None and done >= self.target:
+            self.reached = True
+        return self.reached
+
+
 # --- locust ----------------------------------------------------------------------------------------------
 
 def locust_argv(args, host: str, csv_prefix: Path, samples: Path) -> list[str]:
@@ -443,7 +494,22 @@ def locust_argv(args, host: str, csv_prefix: Path, samples: Path) -> list[str]:
     return argv
 
 
-def run_locust(args, host: str, urls: list[str], logs: Path, tag: str) -> dict:
+def watch_goal(goal: LoadGoal, proc: subprocess.Popen, urls: list[str], start: float) -> None:
+    """Checks the goal every half second while locust runs; stops locust once it is reached."""
+    while proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            reached = goal.check(urls)
+        except (OSError, ValueError, BenchError) as exc:  # a missed check is retried; the run goes on
+            print(f"    load goal: check failed ({exc}); retrying", flush=True)
+            continue
+        if reached:
+            proc.terminate()  # locust stops its users and writes the samples as on -t
+            print(f"    {time.monotonic() - start:5.0f}s  {goal.target} requests done: stopping", flush=True)
+            return
+
+
+def run_locust(args, host: str, urls: list[str], logs: Path, tag: str, goal: LoadGoal | None = None) -> dict:
     samples_path = logs / f"{tag}_samples.json"
     log_path = logs / f"{tag}_locust.log"
     proc = subprocess.Popen(locust_argv(args, host, logs / f"{tag}_locust", samples_path), cwd=ROOT,
@@ -452,16 +518,25 @@ def run_locust(args, host: str, urls: list[str], logs: Path, tag: str) -> dict:
     start = time.monotonic()
     before = counters(urls)
     next_report = start + args.progress_s
+    watcher = None
+    if goal is not None:
+        # its own thread: a progress line reads every worker's counters, which at 128 loaded sim workers
+        # takes tens of seconds, and the stop must not wait for that
+        watcher = threading.Thread(target=watch_goal, args=(goal, proc, urls, start), daemon=True, name="load-goal")
+        watcher.start()
     while proc.poll() is None:
         time.sleep(0.5)
         if time.monotonic() >= next_report and proc.poll() is None:
             next_report += args.progress_s
             hits, queries = hit_totals(before, counters(urls))
             rate = f"{100 * hits / queries:.1f}%" if queries else "-"
-            print(f"    {time.monotonic() - start:5.0f}/{args.duration}s  hit rate so far {rate}", flush=True)
+            done = f", {goal.count():.0f}/{goal.target} requests" if goal is not None and goal.target else ""
+            print(f"    {time.monotonic() - start:5.0f}/{args.duration}s  hit rate so far {rate}{done}", flush=True)
         if time.monotonic() - start > args.duration + 120:
             proc.kill()
             raise BenchError(f"locust did not finish within {args.duration + 120}s; see {log_path}")
+    if watcher is not None:
+        watcher.join(timeout=60)
     if not samples_path.exists():
         raise BenchError(f"locust exited with {proc.returncode} and wrote no samples: {log_tail(log_path)} "
                          f"(full log: {log_path})")
@@ -527,6 +602,18 @@ def summarize(router: str, samples: dict, before: list[dict], after: list[dict],
         "sessions_started": samples.get("sessions_started"),
         "notes": notes,
     }
+
+
+def per_document_figures(args, row: dict, goal: LoadGoal | None, after: list[dict]) -> dict:
+    """Requests per document, and the hit rate past the warm-up when one was asked for."""
+    figures = {"requests_per_document": row["requests"] / args.documents if args.documents else None,
+               "hit_rate_after_warmup": None, "requests_goal_reached": None}
+    if goal is not None:
+        figures["requests_goal_reached"] = goal.reached if goal.target is not None else None
+        if goal.warm_counters is not None:
+            hits, queries = hit_totals(goal.warm_counters, after)
+            figures["hit_rate_after_warmup"] = hits / queries if queries else None
+    return figures
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -605,6 +692,10 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
             means_before = ttft_means(router_url, urls)
             probe = LatencyProbe(router_url, urls, args.served_model or args.model, args.probe_interval_s)
             probe.start()
+        goal = None
+        if args.requests_per_document is not None or args.warmup_requests_per_document is not None:
+            goal = LoadGoal(args.documents, args.requests_per_document, args.warmup_requests_per_document)
+            goal.watch(router_url, urls, ours, probe)
         sim_log_offset = sim_log.stat().st_size if sim_log else 0
         # CPU the router and the one-process sim host used during the load (a share of one core each)
         host_proc = workers[0] if sim_log else None
@@ -612,7 +703,7 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
         print(f"  {name}: locust {args.workload}, {args.users} users"
               + (f", {args.rate}/s open loop" if args.rate > 0 else ", closed loop") + f", {args.duration}s",
               flush=True)
-        samples = run_locust(args, router_url, urls, logs, tag)
+        samples = run_locust(args, router_url, urls, logs, tag, goal)
         cpu_after = (cpu_seconds(router), cpu_seconds(host_proc), time.monotonic())
         if probe is not None:
             probe.finish()
@@ -631,6 +722,7 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
         stop(workers)
     row = summarize(name, samples, before, after, notes, args.time_scale)
     row.update(router_added_figures(probe, means_before, means_after))
+    row.update(per_document_figures(args, row, goal, after))
     # On a shared machine other work moves every figure: record how busy it was around the run.
     row["load_average_before_after"] = [load_before, load_after]
     elapsed = cpu_after[2] - cpu_before[2]
@@ -678,6 +770,19 @@ def validate(args) -> None:
                          "--sim-host one-process")
     if not args.time_scale > 0:
         raise BenchError(f"--time-scale must be positive, got {args.time_scale:g}")
+    per_document = [(flag, v) for flag, v in (("--requests-per-document", args.requests_per_document),
+                                              ("--warmup-requests-per-document", args.warmup_requests_per_document))
+                    if v is not None]
+    for flag, value in per_document:
+        if args.workload != "docqa" or not args.documents:
+            raise BenchError(f"{flag} needs --workload docqa with --documents D (requests are counted per document)")
+        if not value > 0:
+            raise BenchError(f"{flag} must be positive, got {value:g}")
+        if args.router_url:
+            raise BenchError(f"{flag} needs routers the bench starts (not --router-url)")
+    if (args.requests_per_document is not None and args.warmup_requests_per_document is not None
+            and args.warmup_requests_per_document >= args.requests_per_document):
+        raise BenchError("--warmup-requests-per-document must be below --requests-per-document")
     for url in args.worker_urls or []:
         check_reachable(url, "worker")
 
@@ -703,6 +808,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default: all)")
     parser.add_argument("--rate", type=float, default=0.0, help="open loop: sessions per second (0: closed loop)")
     parser.add_argument("--duration", type=int, default=60, help="seconds of load per router")
+    parser.add_argument("--requests-per-document", type=float, default=None, metavar="R",
+                        help="docqa: end the load once R x --documents requests have completed (--duration "
+                             "stays the cap), so fleets of any size pay the same share of cold misses")
+    parser.add_argument("--warmup-requests-per-document", type=float, default=None, metavar="W",
+                        help="docqa: also report the hit rate over the requests after the first W x --documents "
+                             "(hit_rate_after_warmup)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--session-ids", action="store_true", help="send session ids (routers may pin on them)")
@@ -750,7 +861,11 @@ def _run(args: argparse.Namespace) -> int:
              + ((f", one sim-fleet process, time scale {args.time_scale:g} (figures converted back to modelled "
                  "time; router added latency in host time)") if one_process_sim(args) else ""))
     load = (f"{args.users} users, " + (f"open loop {args.rate}/s" if args.rate > 0 else "closed loop")
-            + f", {args.duration}s per router, max_tokens {args.max_tokens}, seed {args.seed}")
+            + f", {args.duration}s per router"
+            + (f" (or until {args.requests_per_document:g} requests per document)" if args.requests_per_document else "")
+            + (f", hit rate also past {args.warmup_requests_per_document:g} requests per document"
+               if args.warmup_requests_per_document else "")
+            + f", max_tokens {args.max_tokens}, seed {args.seed}")
     shape = {n: getattr(args, n) for n in WORKLOAD_FLAGS if getattr(args, n) is not None}
     workload = args.workload + (f" {shape}" if shape else "")
     setup = f"{fleet}; workload {workload}; {load}; {cpu_model()}, {os.cpu_count()} cores"

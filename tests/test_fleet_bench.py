@@ -55,6 +55,33 @@ def test_an_http_error_is_a_failed_result_with_the_workers_message(standin):
     assert not result.ok and result.error == "HTTP 400: messages must be a list"
 
 
+def test_a_load_of_so_many_requests_per_document_stops_there_and_reports_the_steady_state(tmp_path):
+    out = tmp_path / "fleet"
+    args = parse("--executor", "standin", "--workers", "2", "--routers", "cache_aware", "--workload", "docqa",
+                 "--documents", "3", "--doc-chars", "400", "--users", "3", "--duration", "120", "--max-tokens", "4",
+                 "--requests-per-document", "5", "--warmup-requests-per-document", "2", "--out", str(out))
+    assert fleet_bench.run(args) == 0
+    row = json.loads((out / "fleet.json").read_text())["rows"][0]
+    assert row["requests_goal_reached"] is True  # stopped by the count, long before the 120 s cap
+    assert row["requests"] >= 15 and row["requests_per_document"] == row["requests"] / 3
+    # the stand-ins answer in microseconds, so the warm-up snapshot and the stop may come in the same check:
+    # only that the steady-state figure is there and is a rate
+    assert 0 < row["hit_rate_after_warmup"] <= 1 and 0 < row["hit_rate"] < 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--requests-per-document", "5"], "--workload docqa with --documents"),
+    (["--workload", "docqa", "--documents", "3", "--requests-per-document", "0"], "must be positive"),
+    (["--workload", "docqa", "--documents", "3", "--requests-per-document", "4",
+      "--warmup-requests-per-document", "4"], "below --requests-per-document"),
+])
+def test_requests_per_document_needs_a_docqa_load(extra, message, capsys):
+    args = parse("--executor", "standin", "--workload", "chat", *extra) if "--workload" not in extra else \
+        parse("--executor", "standin", *extra)
+    assert fleet_bench.run(args) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_fleet_run_on_two_standin_workers_and_two_routers_writes_the_rows(tmp_path, capsys):
     out = tmp_path / "fleet"
     args = parse("--executor", "standin", "--workers", "2", "--routers", "cache_aware,round_robin",

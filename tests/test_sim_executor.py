@@ -1,5 +1,6 @@
 """The sim executor inside the real engine: no weights, modelled step times, KV budget, cheap sampling."""
 
+import json
 import time
 
 import pytest
@@ -114,6 +115,20 @@ def test_deferred_mode_leaves_the_waiting_to_the_host(tmp_path):
     engine.executor.time_scale = 10.0  # a slowed-down fleet: every modelled step 10 times longer
     engine.step()
     assert engine.executor.take_deferred_seconds() == pytest.approx(5.0, rel=0.01)
+
+
+def test_an_eager_v2_profile_prices_prefill_steps_above_decodes_and_splits_off_the_host_part(tmp_path):
+    path = tmp_path / "eager.json"
+    path.write_text(json.dumps({"name": "eager", "cost_model": {"form": "eager-v2", "coefficients_s": {
+        "const": 0.005, "prefill_step": 0.010, "prefill_chunks": 0.001, "prefill_tokens": 1e-5}}}))
+    engine = engine_with(path)
+    engine.executor.defer_wait = True
+    engine.add_request(EngineRequest("r", list(range(1, 101)), SamplingParams(max_tokens=2, temperature=0.0)))
+    engine.step()  # the 100-token prefill: eager
+    host, total = engine.executor.take_deferred()
+    assert (host, total) == pytest.approx((0.010, 0.005 + 0.010 + 0.001 + 100 * 1e-5))
+    engine.step()  # the decode: graphed, no host part
+    assert engine.executor.take_deferred() == pytest.approx((0.0, 0.005))
 
 
 def test_missing_profile_names_the_fix(tmp_path):

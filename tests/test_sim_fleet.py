@@ -136,3 +136,42 @@ def test_sim_fleet_command_names_a_missing_profile(home):
         capture_output=True, text=True, timeout=120, env={**os.environ, "RADIXFLEET_HOME": str(home)})
     assert result.returncode == 2
     assert "bench calibrate" in result.stderr
+
+
+def test_steps_of_workers_on_one_modelled_gpu_queue_for_it_but_not_their_host_part():
+    from worker.sim_fleet import SharedGPU
+
+    gpu = SharedGPU()
+    # four decode steps (all GPU work) issued together end one after another, as on a time-sliced GPU
+    assert [gpu.reserve(0.0, 0.0, 0.010) for _ in range(4)] == pytest.approx([0.010, 0.020, 0.030, 0.040])
+    gpu = SharedGPU()
+    # eager steps: 6 ms of kernel launches each (host, side by side), then 4 ms of GPU work each, queued
+    assert [gpu.reserve(0.0, 0.006, 0.010) for _ in range(3)] == pytest.approx([0.010, 0.014, 0.018])
+    assert gpu.reserve(1.0, 0.0, 0.005) == pytest.approx(1.005)  # an idle GPU does not delay a later step
+
+
+def test_workers_per_gpu_groups_the_fleet(home, profile):
+    config = EngineConfig(model=MODEL, executor="sim", sim_profile=str(profile), kv_cache_tokens=4096,
+                          progress=False)
+    from worker.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--workers-per-gpu"):
+        SimFleet(config, num_workers=4, workers_per_gpu=0)
+    saved = os.environ.get("RADIXFLEET_HOME")
+    os.environ["RADIXFLEET_HOME"] = str(home)
+    host = LoopThread()
+    try:
+        fleet = SimFleet(config, num_workers=5, workers_per_gpu=2)
+        host.run(fleet.start())
+        gpus = [w.client.gpu for w in fleet.workers]
+        assert gpus[0] is gpus[1] and gpus[2] is gpus[3] and gpus[4] is not None
+        assert len({id(g) for g in gpus}) == 3
+        status, body = chat(fleet.urls[1], "What runs past the mill?", max_tokens=3)
+        assert status == 200 and body["usage"]["completion_tokens"] == 3
+        host.run(fleet.stop())
+    finally:
+        host.close()
+        if saved is None:
+            os.environ.pop("RADIXFLEET_HOME", None)
+        else:
+            os.environ["RADIXFLEET_HOME"] = saved

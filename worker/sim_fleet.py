@@ -12,6 +12,12 @@ only waits for the modelled step time. So this host runs, in one asyncio event l
 `InProcessEngineClient` stands in for worker.server.engine_client.EngineClient (the frontend's handle on an
 engine process) with the same methods, applying requests and aborts straight to the engine between steps.
 
+Several workers on one GPU (`--workers-per-gpu K`: workers 0..K-1 share modelled GPU 0, and so on), as in
+a fleet run with several CUDA workers on one GPU: a GPU runs the kernels of one process at a time, so each
+step's GPU part waits for the steps the GPU already holds (a FIFO queue per modelled GPU), while its host
+part (CostModel.host_seconds: an eager step's kernel launches) runs beside the others' GPU work. With K = 1
+(the default) every worker has a GPU of its own, as the calibration measured it.
+
 Fidelity: a step lasts max(modelled time, the host's own time for it). While the host CPU keeps up (check
 the `host_busy` figure printed every --report-s), timing is as modelled. When it does not (128 workers
 under load on 2 cores), `--time-scale S` stretches every modelled step S times: the fleet then behaves
@@ -53,6 +59,19 @@ STATS_INTERVAL_S = 0.05  # as the engine process: a busy engine refreshes /load 
 TIMER_SLACK_S = 0.002  # lateness of a wake-up that is carried into the next step rather than lost
 
 
+class SharedGPU:
+    """One modelled GPU under several workers: their steps' GPU parts run one after another."""
+
+    def __init__(self):
+        self.free_at = float("-inf")  # perf_counter time at which the queued GPU work ends
+
+    def reserve(self, origin: float, host_s: float, total_s: float) -> float:
+        """A step issued at `origin` with `host_s` of host work and `total_s` in all: the time its tokens exist."""
+        gpu_start = max(origin + host_s, self.free_at)
+        self.free_at = gpu_start + (total_s - host_s)
+        return self.free_at
+
+
 class InProcessEngineClient(EngineClient):
     """The frontend's handle on an engine stepped in this event loop.
 
@@ -60,9 +79,10 @@ class InProcessEngineClient(EngineClient):
     this process: requests and aborts are applied to it directly, between steps, instead of over a pipe.
     """
 
-    def __init__(self, engine):
+    def __init__(self, engine, gpu: SharedGPU | None = None):
         super().__init__(engine.config)
         self.engine = engine
+        self.gpu = gpu  # None: a GPU of its own
         self.executor = engine.executor
         self.info = EngineInfo(engine.model_name, engine.max_model_len, os.getpid(), str(engine.model_path),
                                engine.tokenizer)
@@ -151,7 +171,8 @@ class InProcessEngineClient(EngineClient):
                 done = time.perf_counter()
                 self.busy_seconds += done - started
                 # the step's tokens exist once its modelled time has passed (host time already spent counts)
-                self._deadline = origin + self.executor.take_deferred_seconds()
+                host_s, total_s = self.executor.take_deferred()
+                self._deadline = origin + total_s if self.gpu is None else self.gpu.reserve(origin, host_s, total_s)
                 remaining = self._deadline - done
                 if remaining > 0:
                     await asyncio.sleep(remaining)
@@ -188,9 +209,12 @@ class SimFleet:
     """`num_workers` sim workers on ports base_port, base_port + 1, ... (0: free ports picked by the OS)."""
 
     def __init__(self, config: EngineConfig, num_workers: int, base_port: int = 0, host: str = "127.0.0.1",
-                 served_model_names: list[str] | None = None, time_scale: float = 1.0):
+                 served_model_names: list[str] | None = None, time_scale: float = 1.0, workers_per_gpu: int = 1):
         if num_workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {num_workers}")
+        if workers_per_gpu < 1:
+            raise ConfigError(f"--workers-per-gpu must be at least 1, got {workers_per_gpu}")
+        self.workers_per_gpu = workers_per_gpu
         if not (time_scale > 0):
             raise ConfigError(f"--time-scale must be positive, got {time_scale}")
         self.time_scale = float(time_scale)
@@ -217,13 +241,15 @@ class SimFleet:
         model_path = resolve_model(self.config.model, progress=self.config.progress, weights=False)
         probe = SimExecutor(model_path, self.config)  # resolves and checks the profile once for all workers
         profile: SimProfile = probe.profile
+        shared = self.workers_per_gpu > 1
+        gpus = [SharedGPU() for _ in range(-(-self.num_workers // self.workers_per_gpu))] if shared else []
         try:
             for i in range(self.num_workers):
                 executor = probe if i == 0 else SimExecutor(model_path, self.config, profile=profile)
                 executor.defer_wait = True
                 executor.time_scale = self.time_scale
                 engine = LLMEngine(self.config, executor=executor)
-                client = InProcessEngineClient(engine)
+                client = InProcessEngineClient(engine, gpus[i // self.workers_per_gpu] if shared else None)
                 ctx = ServerContext(self.config, client, engine.tokenizer, engine.model_name, engine.max_model_len,
                                     self.served_model_names)
                 runner = web.AppRunner(build_app(ctx), handler_cancellation=True, access_log=None)
@@ -269,6 +295,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-scale", type=float, default=1.0, metavar="S",
                         help="run every modelled step S times slower, for hosts too busy to keep up with the "
                              "modelled GPU (then divide measured latencies by S and multiply req/s by S)")
+    parser.add_argument("--workers-per-gpu", type=int, default=1, metavar="K",
+                        help="workers 0..K-1 share one modelled GPU, K..2K-1 the next, ...: their steps' GPU parts "
+                             "queue on it, as CUDA workers sharing a GPU do (default 1: a GPU each)")
     parser.add_argument("--report-s", type=float, default=10.0,
                         help="print fleet figures this often (0: never)")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
@@ -294,7 +323,7 @@ async def _serve(fleet: SimFleet, args: argparse.Namespace) -> int:
             handle.write("\n".join(urls) + "\n")
     print(f"radixfleet sim-fleet: {len(urls)} sim workers ready in {time.perf_counter() - started:.1f} s, "
           f"{urls[0]} .. {urls[-1]} (profile {fleet.workers[0].client.executor.profile.name!r}, "
-          f"time scale {fleet.time_scale:g})",
+          f"time scale {fleet.time_scale:g}, {fleet.workers_per_gpu} worker(s) per modelled GPU)",
           file=sys.stderr, flush=True)
     last_busy, last_time = 0.0, time.perf_counter()
     while not stop.is_set():
@@ -321,7 +350,8 @@ def run(args: argparse.Namespace) -> int:
     args.executor, args.device = "sim", "cpu"
     try:
         config = engine_config_from_args(args)
-        fleet = SimFleet(config, args.workers, args.base_port, args.host, time_scale=args.time_scale)
+        fleet = SimFleet(config, args.workers, args.base_port, args.host, time_scale=args.time_scale,
+                         workers_per_gpu=args.workers_per_gpu)
     except ConfigError as error:
         print(f"radixfleet sim-fleet: {error}", file=sys.stderr)
         return 2

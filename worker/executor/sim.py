@@ -9,10 +9,14 @@ The profile (`--sim-profile PATH` or a built-in name: a file in worker/executor/
 GPU memory the worker had, so the KV capacity can follow `--mem-fraction` as on the GPU:
 
     {"name": "h200-llama3-8b", "model": "llama3-8b", "device": "NVIDIA H200",
-     "cost_model": {"form": "linear-v1", "coefficients_s": {"const": 0.006, "prefill_tokens": 3e-5, ...}},
+     "cost_model": {"form": "eager-v2", "coefficients_s": {"const": 0.005, "prefill_step": 0.01, ...}},
      "memory": {"gpu_total_bytes": ..., "weights_bytes": ..., "reserved_bytes": ...},   (optional)
      "sampling": {"eos_probability": 1e-4},                                              (optional)
-     "fit": {"r2": ..., "max_rel_error": ...}}
+     "fit": {"r2": ..., "max_rel_error": ...},
+     "samples": [{"f": "decode", "d": [decodes, context, max context], "p": [[prefix, new], ...], "s": 0.006}]}
+
+The cost model's forms ("eager-v2", and the older "linear-v1" that earlier profiles hold) are described in
+worker.executor.sim_cost_model; "samples" (the measured steps, for `bench calibrate --refit`) are not read here.
 
 KV capacity: `--kv-cache-tokens` when it is given (differs from its default), else the profile's memory
 model at `--mem-fraction` (GPU total * fraction - weights - reserved), else the `--kv-cache-tokens` default.
@@ -29,8 +33,10 @@ so a sampled eos ends some outputs early; ignore_eos and min_tokens apply as usu
 Waiting: a step lasts max(the host's own work for it, the modelled time), as with the CUDA engine's overlap
 scheduling. A standalone worker's engine process sleeps in forward() (no CPU burnt) for the modelled time
 less the host CPU time spent since the previous forward. A host that steps many engines in one event loop
-sets `defer_wait`; forward() then returns at once and adds the modelled time to `deferred_seconds`, which
-the host awaits (from the step's start) before delivering the step's outputs.
+sets `defer_wait`; forward() then returns at once and adds the modelled time to `deferred_seconds` (and its
+host part, CostModel.host_seconds, to `deferred_host_seconds`), which the host awaits (from the step's start)
+before delivering the step's outputs; worker.sim_fleet can also queue the GPU part of the steps of several
+workers on one modelled GPU (--workers-per-gpu).
 
 The interface used (documented, so it adapts when executors move to a registry): `SimExecutor(model_path,
 config)` with `config` an EngineConfig (sim_profile, kv_cache_tokens, mem_fraction, page_size read), and
@@ -158,6 +164,7 @@ class SimExecutor(Executor):
         self.time_scale = 1.0
         self.defer_wait = False  # set by a host that awaits the modelled time itself (worker.sim_fleet)
         self.deferred_seconds = 0.0
+        self.deferred_host_seconds = 0.0  # of deferred_seconds, the host part (see CostModel.host_seconds)
         self._cpu_at_return: float | None = None  # this thread's CPU time when forward() last returned
         self.num_steps = 0
         self.modelled_seconds = 0.0  # total modelled step time so far
@@ -215,17 +222,23 @@ class SimExecutor(Executor):
         self.page_size = page_size  # nothing to allocate: the radix cache's page ids are all we need
 
     def step_seconds(self, batch: ForwardBatch) -> float:
+        return self.step_split(batch)[1]
+
+    def step_split(self, batch: ForwardBatch) -> tuple[float, float]:
+        """(host part, whole) of the step's modelled seconds, time scale applied."""
         shape = StepShape.from_lengths(batch.seq_lens, batch.extend_lens, batch.num_decodes)
-        return self.profile.cost_model.step_seconds(shape) * self.time_scale
+        model = self.profile.cost_model
+        return model.host_seconds(shape) * self.time_scale, model.step_seconds(shape) * self.time_scale
 
     def forward(self, batch: ForwardBatch, future_tokens: torch.Tensor | None = None) -> torch.Tensor:
         if self.page_size is None:
             raise RuntimeError("SimExecutor.forward called before init_kv_cache")
-        seconds = self.step_seconds(batch)
+        host_part, seconds = self.step_split(batch)
         self.num_steps += 1
         self.modelled_seconds += seconds
         if self.defer_wait:
             self.deferred_seconds += seconds
+            self.deferred_host_seconds += host_part
         else:
             # The CUDA engine prepares the next step on the host while the GPU runs this one (overlap
             # scheduling), so a step lasts max(host work, device time). The host work since the previous
@@ -240,8 +253,13 @@ class SimExecutor(Executor):
 
     def take_deferred_seconds(self) -> float:
         """The modelled time of the steps run since the last call (defer_wait mode)."""
-        seconds, self.deferred_seconds = self.deferred_seconds, 0.0
-        return seconds
+        return self.take_deferred()[1]
+
+    def take_deferred(self) -> tuple[float, float]:
+        """(host part, whole) of the modelled time of the steps run since the last call (defer_wait mode)."""
+        split = (self.deferred_host_seconds, self.deferred_seconds)
+        self.deferred_host_seconds = self.deferred_seconds = 0.0
+        return split
 
     def _rows(self, n: int) -> torch.Tensor:
         """n copies of the constant row. A view of one buffer: the sampler never writes into its input."""
