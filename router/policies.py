@@ -45,10 +45,17 @@ DEFAULT_BALANCE_ABS = 64
 DEFAULT_BALANCE_REL = 1.5
 # What one in-flight request costs a newcomer, in prefill-token equivalents (see module docstring).
 # In a continuous-batching worker a running decode slows a newcomer a little, a pending prefill a
-# lot; pending prefill is counted separately (outstanding_tokens), so this stays small. Checked on
-# bench/cache_hit_bench.py with one system prompt shared by all traffic (4 CPU workers): busiest
-# worker 1.03x the mean at 79.7% hit rate, where sglang-router put all 128 requests on one worker.
-DEFAULT_REQUEST_COST_TOKENS = 32
+# lot; pending prefill is counted separately (outstanding_tokens), so this stays well below a
+# prompt's size. It is also what keeps requests spread when pending prefill is near zero (fast
+# GPU prefill: on the H200 sim profile a 400-token prefill takes 8 ms of a 90 ms request), so
+# it must outweigh a copy of a shared system prompt once a worker is a few requests busier.
+# At 32, a new conversation followed its system prompt's holder until that holder was 12-24
+# requests busier (the copy's prefill, doubled by the eviction term once the trees are full of
+# finished conversations), and multi-turn chat over 8 system prompts ended at busiest/mean
+# 1.07-1.13 on 4 sim workers. 96 keeps it at <= 1.05 (bench/reports/placement_sim/README.md);
+# doc-QA under eviction pressure, where each copy evicts a live document, keeps its hit rate
+# within half a point. The hot-prompt check on bench/cache_hit_bench.py (4 CPU workers) holds.
+DEFAULT_REQUEST_COST_TOKENS = 96
 
 
 @dataclass(slots=True)
