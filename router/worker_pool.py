@@ -301,5 +301,7 @@ class WorkerPool:
         return worker
 
     def routable(self, now: float, exclude: Iterable[WorkerState] = ()) -> list[WorkerState]:
+        if not exclude:  # the first attempt of every request
+            return [w for w in self._by_url.values() if w.routable(now)]
         excluded = set(id(w) for w in exclude)
         return [w for w in self._by_url.values() if w.routable(now) and id(w) not in excluded]

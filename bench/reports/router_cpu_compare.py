@@ -4,14 +4,17 @@
 this starts one router per tree (each from its own folder, e.g. a `git archive` of the older commit in
 /tmp) in front of the same fast stand-in workers, all side by side, and measures them in rounds: A, B,
 A, B, ... so that load from elsewhere on a shared machine falls on every tree alike. Per round and
-tree: a closed loop of --concurrency connections for --seconds (non-streamed chat, ~1 KB prompts,
-bench/router_bench.py's payloads) and the CPU seconds the router's process used meanwhile.
+tree: an open loop at --rate req/s (or a closed loop of --concurrency connections) for --seconds
+(non-streamed chat, ~1 KB prompts, bench/router_bench.py's payloads) and the CPU seconds the
+router's process used meanwhile. A fixed rate is the fairer comparison on a shared machine: in a
+closed loop the achieved rate follows the load generator's share of its core, and an event loop
+woken for fewer requests at a time spends more CPU on each.
 
 Reported per tree: CPU microseconds per request in every round, their median; per later tree, the ratio
 to the first tree in each round (the same round, so the same machine state), its median and spread.
 
     PYTHONPATH=. python bench/reports/router_cpu_compare.py --tree before=/tmp/rf_before \\
-        --tree this=. --rounds 10 --seconds 5 --out bench/reports/router_cpu_placement
+        --tree this=. --rounds 10 --seconds 5 --rate 500 --out bench/reports/router_cpu_placement
 
 Like router_bench, the routers share one core (only the one being measured is busy) and the stand-ins
 and the load generator share the others.
@@ -34,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.router_bench import (STANDIN, closed_loop, cpu_model, free_port, load_average,  # noqa: E402
-                                make_payloads, process_tree_cpu_s, spawn, wait_http)
+                                make_payloads, open_loop, process_tree_cpu_s, spawn, wait_http)
 
 
 def parse_tree(spec: str) -> tuple[str, Path]:
@@ -62,17 +65,25 @@ def start_router(folder: Path, worker_urls: list[str], policy: str, cpus: set[in
     return proc, port
 
 
-def measure_cpu(port: int, pid: int, payloads: list[bytes], concurrency: int, seconds: float) -> dict:
+def measure_cpu(port: int, pid: int, payloads: list[bytes], args) -> dict:
+    """CPU per request of one router: open loop at args.rate req/s, or a closed loop when the rate is 0."""
     asyncio.run(closed_loop("127.0.0.1", port, payloads, 8, 0.5))  # warm the connections
     cpu_before = process_tree_cpu_s(pid)
     start = time.perf_counter()
-    result = asyncio.run(closed_loop("127.0.0.1", port, payloads, concurrency, seconds))
-    elapsed = time.perf_counter() - start
+    if args.rate > 0:
+        result = asyncio.run(open_loop("127.0.0.1", port, payloads, args.rate, args.seconds))
+        elapsed = time.perf_counter() - start
+        done = result["n"]
+        rate = result["achieved_rate"]
+    else:
+        result = asyncio.run(closed_loop("127.0.0.1", port, payloads, args.concurrency, args.seconds))
+        elapsed = time.perf_counter() - start
+        done = result["requests_per_s"] * elapsed
+        rate = result["requests_per_s"]
     cpu = process_tree_cpu_s(pid) - cpu_before
-    done = result["requests_per_s"] * elapsed
     return {"cpu_us_per_request": cpu / max(done, 1) * 1e6, "requests": done, "cpu_s": cpu,
-            "requests_per_s": result["requests_per_s"], "errors": result.get("errors", 0),
-            "load_average": load_average()}
+            "requests_per_s": rate, "errors": result.get("errors", 0), "load_average": load_average(),
+            **({"p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"]} if args.rate > 0 else {})}
 
 
 def spread(values: list[float]) -> dict:
@@ -90,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="open loop at this many req/s (every tree sees the same rate, so the same "
+                             "event-loop batching); 0: closed loop of --concurrency connections")
     parser.add_argument("--prompt-bytes", type=int, default=1024)
     parser.add_argument("--router-cpu", type=int, default=0)
     parser.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
@@ -104,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     payloads = make_payloads(256, args.prompt_bytes)
     setup = (f"{cpu_model()}, {ncpu} cores; routers pinned to core {sorted(router_cpus)[0]}, "
              f"{args.workers} fast stand-ins + load generator on {sorted(other_cpus)}; policy {args.policy}; "
-             f"closed loop, {args.concurrency} connections, {args.seconds:g} s per tree per round, "
+             + (f"open loop at {args.rate:g} req/s, " if args.rate > 0 else f"closed loop, {args.concurrency} connections, ")
+             + f"{args.seconds:g} s per tree per round, "
              f"{args.rounds} rounds; non-streamed chat, ~{len(payloads[0])} B bodies; python {platform.python_version()}")
     print(f"router cpu compare: {setup}", flush=True)
     out = Path(args.out)
@@ -132,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             order = routers if r % 2 == 0 else list(reversed(routers))
             row = {}
             for name, _, port, pid in order:
-                row[name] = measure_cpu(port, pid, payloads, args.concurrency, args.seconds)
+                row[name] = measure_cpu(port, pid, payloads, args)
             rounds.append(row)
             print(f" round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{name} {row[name]['cpu_us_per_request']:.0f} us/req" for name, *_ in routers), flush=True)
