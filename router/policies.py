@@ -338,12 +338,14 @@ class CacheAware(Policy):
             # A miss: the least loaded, and among those the one where the copy evicts least.
             best_i = min(range(n), key=lambda i: (loads[i], costs[i], workers[i].processed, (i - rotation) % n))
             return workers[best_i], "cache_miss", matches[best_i]
+        # The least (cost, load, processed, rotation) in order; the tail is built only on a tie of cost.
         best_i = 0
-        best_key = None
-        for i, cost in enumerate(costs):
-            key = (cost, loads[i], workers[i].processed, (i - rotation) % n)
-            if best_key is None or key < best_key:
-                best_i, best_key = i, key
+        best_cost = costs[0]
+        for i in range(1, n):
+            cost = costs[i]
+            if cost < best_cost or (cost == best_cost and (loads[i], workers[i].processed, (i - rotation) % n)
+                                    < (loads[best_i], workers[best_i].processed, (best_i - rotation) % n)):
+                best_i, best_cost = i, cost
         chars = matches[best_i]
         return workers[best_i], ("cache_hit" if chars == best_match else "load_over_cache"), chars
 

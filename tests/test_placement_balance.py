@@ -15,16 +15,8 @@ import pytest
 from router.policies import CacheAware, RouteRequest
 from router.tree import chunk_hashes
 from router.worker_pool import WorkerPool
+from tests.placement_replay import words
 
-WORDS = "cache prefix worker token batch prompt reply system kernel page evict share route load queue".split()
-
-
-def words(rng: random.Random, n_chars: int) -> str:
-    out, size = [], 0
-    while size < n_chars:
-        out.append(rng.choice(WORDS))
-        size += len(out[-1]) + 1
-    return " ".join(out)
 
 
 def chat_loop(policy: CacheAware, requests: int, users: int = 16, workers: int = 4, seed: int = 0):

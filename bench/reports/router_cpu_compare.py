@@ -36,8 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.router_bench import (STANDIN, closed_loop, cpu_model, free_port, load_average,  # noqa: E402
-                                make_payloads, open_loop, process_tree_cpu_s, spawn, wait_http)
+from bench.router_bench import (closed_loop, cpu_model, free_port, load_average, make_payloads,  # noqa: E402
+                                open_loop, process_tree_cpu_s, start_standins, wait_http)
 
 
 def parse_tree(spec: str) -> tuple[str, Path]:
@@ -128,14 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(exist_ok=True)
     procs: list[subprocess.Popen] = []
     try:
-        urls = []
-        for i in range(args.workers):
-            port = free_port()
-            procs.append(spawn([sys.executable, str(STANDIN), "--port", str(port), "--fast"], other_cpus,
-                               logs / f"standin{i}.log"))
-            urls.append(f"http://127.0.0.1:{port}")
-        for url, proc in zip(urls, procs):
-            wait_http(url + "/health", proc=proc)
+        urls = start_standins(args.workers, other_cpus, logs, procs)
         routers = []
         for name, folder in args.tree:
             proc, port = start_router(folder, urls, args.policy, router_cpus, logs / f"router_{name}.log")
