@@ -52,11 +52,13 @@ DEFAULT_BALANCE_REL = 1.5
 # At 32, a new conversation followed its system prompt's holder until that holder was 12-24
 # requests busier (the copy's prefill, doubled by the eviction term once the trees are full of
 # finished conversations), and multi-turn chat over 8 system prompts ended at busiest/mean
-# 1.07-1.13 on 4 sim workers. At 96: 1.02 in the sim bench's run beside the peers, <= 1.05 in the
+# 1.05-1.13 on 4 sim workers. At 96: 1.02 in the sim bench's run beside the peers, <= 1.05 in the
 # deterministic chat loop of tests/test_placement_balance.py; doc-QA under eviction pressure, where
 # each copy evicts a live document, kept its hit rate above sglang-router's (77.7% against 76.9%),
-# and the hot prompt stayed spread (1.06). A repeat chat run gave 1.12: what is left is the speed of
-# the worker processes on a shared host, not placement (bench/reports/placement_sim/README.md).
+# and the hot prompt stayed spread (1.06). With the sim workers in one process (equal speed), chat
+# gave 1.03 and 1.05 at 96 against 1.09 and 1.28 at 32; with a process per worker on the shared
+# 2-core box, 1.02-1.12 either way: the speed of the worker processes decides there
+# (bench/reports/placement_sim/README.md).
 DEFAULT_REQUEST_COST_TOKENS = 96
 
 
