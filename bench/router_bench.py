@@ -77,6 +77,21 @@ def wait_http(url: str, timeout_s: float = 60, proc: subprocess.Popen | None = N
     raise TimeoutError(f"{url} not healthy after {timeout_s}s")
 
 
+def start_standins(n: int, cpus: set[int], logs: Path, procs: list[subprocess.Popen]) -> list[str]:
+    """Start n fast stand-in workers on `cpus` (appended to `procs`, for the caller to stop); their urls."""
+    urls = []
+    started = []
+    for i in range(n):
+        port = free_port()
+        started.append(spawn([sys.executable, str(STANDIN), "--port", str(port), "--fast"], cpus,
+                             logs / f"standin{i}.log"))
+        procs.append(started[-1])
+        urls.append(f"http://127.0.0.1:{port}")
+    for url, proc in zip(urls, started):
+        wait_http(url + "/health", proc=proc)
+    return urls
+
+
 def make_payloads(n: int, prompt_bytes: int, seed: int = 0) -> list[bytes]:
     """Chat requests of about prompt_bytes of message text: 4 shared system prompts + varied questions."""
     rng = random.Random(seed)
@@ -319,14 +334,7 @@ def run(args: argparse.Namespace) -> int:
     procs: list[subprocess.Popen] = []
     router_procs: list[subprocess.Popen] = []
     try:
-        worker_urls = []
-        for i in range(args.workers):
-            port = free_port()
-            procs.append(spawn([sys.executable, str(STANDIN), "--port", str(port), "--fast"], other_cpus,
-                               logs / f"standin{i}.log"))
-            worker_urls.append(f"http://127.0.0.1:{port}")
-        for url, proc in zip(worker_urls, procs):
-            wait_http(url + "/health", proc=proc)
+        worker_urls = start_standins(args.workers, other_cpus, logs, procs)
         direct_port = int(worker_urls[0].rsplit(":", 1)[1])
         targets = [(f"radixfleet {p}", [sys.executable, "-m", "worker.cli", "router", "--worker-urls", *worker_urls,
                                         "--policy", p, "--log-level", "WARNING", "--host", "127.0.0.1"])

@@ -61,20 +61,23 @@ def placement_costs(workers: Sequence[WorkerState], loads: Sequence[int], matche
                     text_chars: int, request_cost_tokens: float, evict_weight: float) -> list[float]:
     """cost_i of the module docstring for every worker, in prefill tokens (lower is better).
 
-    On the hot path (every request, every worker): `tokens` and `evicted_tokens` are inlined.
+    On the hot path (every request, every worker): `tokens` and `evicted_tokens` are inlined, the
+    tree's free tokens too (`PrefixTree.tokens_free`'s expression, without the call).
     """
     costs = []
+    append = costs.append
     for w, load, match in zip(workers, loads, matches):
         tree = w.tree
-        uncached = (text_chars - match) * tree.tokens_per_chunk / tree.chunk_chars
+        per_chunk = tree.tokens_per_chunk
+        uncached = (text_chars - match) * per_chunk / tree.chunk_chars
         if uncached < 0:
             uncached = 0.0
         cost = w.outstanding_tokens + request_cost_tokens * load + uncached
         if evict_weight:
-            over = uncached - tree.tokens_free()
+            over = uncached - (tree.capacity_tokens - len(tree._nodes) * per_chunk)
             if over > 0:
                 cost += evict_weight * over
-        costs.append(cost)
+        append(cost)
     return costs
 
 

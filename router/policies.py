@@ -45,10 +45,21 @@ DEFAULT_BALANCE_ABS = 64
 DEFAULT_BALANCE_REL = 1.5
 # What one in-flight request costs a newcomer, in prefill-token equivalents (see module docstring).
 # In a continuous-batching worker a running decode slows a newcomer a little, a pending prefill a
-# lot; pending prefill is counted separately (outstanding_tokens), so this stays small. Checked on
-# bench/cache_hit_bench.py with one system prompt shared by all traffic (4 CPU workers): busiest
-# worker 1.03x the mean at 79.7% hit rate, where sglang-router put all 128 requests on one worker.
-DEFAULT_REQUEST_COST_TOKENS = 32
+# lot; pending prefill is counted separately (outstanding_tokens), so this stays well below a
+# prompt's size. It is also what keeps requests spread when pending prefill is near zero (fast
+# GPU prefill: on the H200 sim profile a 400-token prefill takes 8 ms of a 90 ms request), so
+# it must outweigh a copy of a shared system prompt once a worker is a few requests busier.
+# At 32, a new conversation followed its system prompt's holder until that holder was 12-24
+# requests busier (the copy's prefill, doubled by the eviction term once the trees are full of
+# finished conversations), and multi-turn chat over 8 system prompts ended at busiest/mean
+# 1.05-1.13 on 4 sim workers. At 96: 1.02 in the sim bench's run beside the peers, <= 1.05 in the
+# deterministic chat loop of tests/test_placement_balance.py; doc-QA under eviction pressure, where
+# each copy evicts a live document, kept its hit rate above sglang-router's (77.7% against 76.9%),
+# and the hot prompt stayed spread (1.06). With the sim workers in one process (equal speed), chat
+# gave 1.03 and 1.05 at 96 against 1.09 and 1.28 at 32; with a process per worker on the shared
+# 2-core box, 1.02-1.12 either way: the speed of the worker processes decides there
+# (bench/reports/placement_sim/README.md).
+DEFAULT_REQUEST_COST_TOKENS = 96
 
 
 @dataclass(slots=True)
@@ -310,7 +321,10 @@ class CacheAware(Policy):
         """(worker, reason, predicted match in characters) by the rules 2-4 of the module docstring."""
         hashes = request.hashes
         n = len(workers)
-        matches = [w.tree.match_chars(hashes) for w in workers] if hashes else [0] * n
+        if hashes:  # PrefixTree.match_chars, one call per worker instead of two
+            matches = [w.tree.match_chunks(hashes) * w.tree.chunk_chars for w in workers]
+        else:
+            matches = [0] * n
         if n == 1:
             return workers[0], "only_worker", matches[0]
         rotation = self._rotation
@@ -328,12 +342,14 @@ class CacheAware(Policy):
             # A miss: the least loaded, and among those the one where the copy evicts least.
             best_i = min(range(n), key=lambda i: (loads[i], costs[i], workers[i].processed, (i - rotation) % n))
             return workers[best_i], "cache_miss", matches[best_i]
+        # The least (cost, load, processed, rotation) in order; the tail is built only on a tie of cost.
         best_i = 0
-        best_key = None
-        for i, cost in enumerate(costs):
-            key = (cost, loads[i], workers[i].processed, (i - rotation) % n)
-            if best_key is None or key < best_key:
-                best_i, best_key = i, key
+        best_cost = costs[0]
+        for i in range(1, n):
+            cost = costs[i]
+            if cost < best_cost or (cost == best_cost and (loads[i], workers[i].processed, (i - rotation) % n)
+                                    < (loads[best_i], workers[best_i].processed, (best_i - rotation) % n)):
+                best_i, best_cost = i, cost
         chars = matches[best_i]
         return workers[best_i], ("cache_hit" if chars == best_match else "load_over_cache"), chars
 

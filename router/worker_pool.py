@@ -164,6 +164,14 @@ class WorkerState:
         self.in_flight = max(0, self.in_flight - 1)
         if pending is not None:
             self._release(pending)
+            # Answers mostly come back in the order the requests went out: drop the finished ones
+            # from the front at once rather than keeping a second of them until the next /load poll
+            # (at thousands of requests a second, objects that live that long make the garbage
+            # collector's older generations grow and run more often). The poll skips finished ones
+            # anyway, so what it releases is the same.
+            unseen = self._unseen
+            while unseen and unseen[0].done:
+                unseen.popleft()
 
     def on_prompt_tokens(self, text_chars: int, prompt_tokens: int) -> None:
         """The worker counted `prompt_tokens` for a prompt of `text_chars` routing characters."""
@@ -301,5 +309,7 @@ class WorkerPool:
         return worker
 
     def routable(self, now: float, exclude: Iterable[WorkerState] = ()) -> list[WorkerState]:
+        if not exclude:  # the first attempt of every request
+            return [w for w in self._by_url.values() if w.routable(now)]
         excluded = set(id(w) for w in exclude)
         return [w for w in self._by_url.values() if w.routable(now) and id(w) not in excluded]

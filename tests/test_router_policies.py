@@ -274,7 +274,7 @@ def test_long_match_is_worth_a_longer_queue_but_not_an_endless_one():
     holder, other = list(pool)
     conversation = SYSTEM + "turn1 answer1 turn2 answer2 " * 40
     holder.tree.insert(chunk_hashes(conversation))
-    holder.in_flight = 5  # 5 * 32 = 160 tokens of queue vs ~750 tokens of saved prefill
+    holder.in_flight = 5  # 5 * 96 = 480 tokens of queue vs ~750 tokens of saved prefill
     policy = CacheAware()
     assert policy.choose(pool.routable(0.0), request(conversation + "turn3")).worker is holder
     holder.outstanding_tokens = 5000  # now it is buried in pending prefill
