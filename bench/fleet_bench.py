@@ -67,6 +67,7 @@ PEERS = {  # name -> (python module to look for, pip package)
     "sglang-router": ("sglang_router", "sglang-router"),
     "vllm-router": ("vllm_router", "vllm-router"),
 }
+PEER_LOG_LEVEL = {"sglang-router": "warn", "vllm-router": "warning"}  # each spells "warnings only" its own way
 # Locust options passed through unchanged (see the locustfile's OPTION_DEFAULTS).
 WORKLOAD_FLAGS = ("documents", "doc_chars", "zipf", "system_prompts", "system_chars", "turns", "user_chars",
                   "groups", "prompts_per_group", "prefix_chars", "question_chars", "trace")
@@ -398,7 +399,7 @@ def router_argv(name: str, urls: list[str], port: int, args) -> list[str]:
     if name in PEERS:
         module = PEERS[name][0]
         return [sys.executable, "-m", f"{module}.launch_router", "--worker-urls", *urls, "--port", str(port),
-                "--host", "127.0.0.1", "--policy", "cache_aware", "--log-level", "warn",
+                "--host", "127.0.0.1", "--policy", "cache_aware", "--log-level", PEER_LOG_LEVEL[name],
                 "--prometheus-port", str(free_port())]
     extra = list(args.router_arg or [])
     if args.time_scale != 1.0 and not any(a.startswith("--health-interval") for a in extra):
