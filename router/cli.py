@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import difflib
 import logging
 import os
 import sys
@@ -23,6 +22,7 @@ import typing
 from router.config import RouterConfig
 from router.listen import ListenError, listen_problem
 from router.policies import POLICY_NAMES
+from worker.flag_hints import did_you_mean
 
 _HELP = {
     "worker_urls": "worker base URLs, e.g. http://127.0.0.1:8100 http://127.0.0.1:8101 (or comma-separated)",
@@ -194,9 +194,7 @@ def unknown_flag_message(extras: list[str], known: list[str]) -> tuple[bool, str
     if not flag.startswith("-"):
         return False, (f"unexpected argument {first!r}: worker URLs go after --worker-urls "
                        f"(e.g. --worker-urls http://127.0.0.1:8100)")
-    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]}?" if close else "; see --help for the flags"
-    return False, f"unknown flag {flag}{hint}"
+    return False, f"unknown flag {flag}{did_you_mean(flag, known, 'see --help for the flags')}"
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:

@@ -11,9 +11,10 @@ line saying so.
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import sys
+
+from worker.flag_hints import did_you_mean
 
 SUBCOMMANDS = {
     "up": ("router.launcher", "start the router and local workers (one per GPU; 2 CPU workers without one)"),
@@ -65,8 +66,7 @@ class CliParser(argparse.ArgumentParser):
                 lines.append(f"{flag}: {UNSUPPORTED_FLAGS[flag]}")
                 continue
             known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
-            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else f"; `radixfleet {self.prog.split()[-1]} --help` lists them"
+            hint = did_you_mean(flag, known, f"`radixfleet {self.prog.split()[-1]} --help` lists them")
             lines.append(f"unrecognized argument {flag}{hint}")
         self.error("\n".join(lines))
 
