@@ -4,6 +4,10 @@
     llm = LLM("demo")
     outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))
     print(outs[0].outputs[0].text)
+
+`SamplingParams(prompt_logprobs=k)` fills `RequestOutput.prompt_logprobs` as vLLM's offline API does: None
+for the first prompt token (nothing precedes it), then per token {token_id: Logprob} holding the prompt
+token itself and the k most likely tokens at its position (worker.engine.prompt_logprobs computes them).
 """
 
 from __future__ import annotations
@@ -18,6 +22,19 @@ from worker.engine.llm_engine import LLMEngine, new_request_id
 from worker.engine.output import ChoiceTextState
 from worker.engine.protocol import EngineOutput, EngineRequest, FinishReason, QueueFullError, TokenLogprob
 from worker.sampling_params import SamplingParams
+from worker.server.logprobs import TokenTexts
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability at one position, as vLLM's offline API gives it."""
+
+    logprob: float
+    rank: int  # 1 = the most likely token at that position
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -37,6 +54,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # only when SamplingParams.prompt_logprobs was set
 
     @property
     def finished(self) -> bool:
@@ -47,6 +65,7 @@ class LLM:
     def __init__(self, model: str = "demo", **engine_options):
         """`engine_options` are EngineConfig fields (device, page_size, kv_cache_tokens, policy, ...)."""
         self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
+        self._token_texts = TokenTexts(self.engine.tokenizer)  # decoded_token of prompt logprobs
 
     @property
     def tokenizer(self):
@@ -116,7 +135,7 @@ class LLM:
                 text, ids, params = pending[-1]
                 rid = new_request_id()
                 try:
-                    engine.add_request(EngineRequest(rid, ids, params))
+                    engine.add_request(EngineRequest(rid, ids, params, prompt_logprobs=params.prompt_logprobs))
                 except QueueFullError:
                     break
                 pending.pop()
@@ -126,6 +145,8 @@ class LLM:
                     texts[(rid, i)] = ChoiceTextState(self.tokenizer, ids, params)
             for out in engine.step():
                 result = results[out.request_id]
+                if out.prompt_logprobs is not None:  # once per request, with choice 0's first tokens
+                    result.prompt_logprobs = self._prompt_logprobs(out.prompt_logprobs)
                 if self._apply(result, texts[(out.request_id, out.index)], out):
                     engine.abort_request(out.request_id, out.index)  # a stop string ended this choice
                 if result.finished and out.request_id not in counted:
@@ -133,6 +154,21 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [results[rid] for rid in order]
+
+    def _prompt_logprobs(self, entries: list[TokenLogprob | None]) -> PromptLogprobs:
+        """The engine's entries as vLLM's: the prompt token first, then the top k (ranks 1..k) not already in."""
+        text = self._token_texts
+        result: PromptLogprobs = []
+        for entry in entries:
+            if entry is None:
+                result.append(None)
+                continue
+            position = {entry.token_id: Logprob(entry.logprob, entry.rank, text(entry.token_id))}
+            for rank, (token_id, logprob) in enumerate(entry.top, start=1):
+                if token_id not in position:
+                    position[token_id] = Logprob(logprob, rank, text(token_id))
+            result.append(position)
+        return result
 
     @staticmethod
     def _apply(result: RequestOutput, text_state: ChoiceTextState, out: EngineOutput) -> bool:

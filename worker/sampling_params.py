@@ -76,6 +76,9 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words_token_ids: list[list[int]] | None = None  # each: the token ids of one banned word
     structured_output: StructuredOutput | None = None
+    # vLLM's offline prompt_logprobs: each prompt token's logprob and the k most likely at its position, in
+    # RequestOutput.prompt_logprobs (worker.llm). The HTTP server passes its field to EngineRequest instead.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -118,6 +121,8 @@ class SamplingParams:
             raise InvalidParameter("stop_token_ids", "must be a list of non-negative integers")
         if self.logprobs is not None:
             self._check_int("logprobs", 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            self._check_int("prompt_logprobs", 0, MAX_LOGPROBS)
         self._check_int("priority", None, None)
         self._validate_logit_processors()
 

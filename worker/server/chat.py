@@ -3,6 +3,8 @@
 Each choice's text is split by `ChoiceOutput` into content, reasoning_content (with --reasoning-parser)
 and tool_calls (tool_choice auto with a tool-call parser, or required / named enforced by a grammar).
 vLLM's `prompt_logprobs` adds a top-level `prompt_logprobs` (streamed: on the first chunk).
+vLLM's `echo` puts the last message's content before each choice's content when that message is the one
+being continued (worker.server.chat_output.echoed_text); streamed, each choice's first delta carries it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 
 from aiohttp import web
 
-from worker.server.chat_output import ChoiceOutput, finish_reason_with_calls
+from worker.server.chat_output import ChoiceOutput, echoed_text, finish_reason_with_calls, with_echo
 from worker.server.context import CTX_KEY, ServerContext, new_response_id, read_json, usage
 from worker.server.extra_fields import ignored_fields_header
 from worker.server.generation import ChoiceUpdate, Generation, merge_choice_updates
@@ -67,14 +69,19 @@ def _prompt_logprobs(ctx: ServerContext, chat: ChatRequest, generation: Generati
     return {"prompt_logprobs": vllm_prompt_logprobs(entries, chat.extras.prompt_logprobs, ctx.token_texts)}
 
 
+def _echo(chat: ChatRequest) -> str:
+    return echoed_text(chat.echo, chat.messages, chat.add_generation_prompt)
+
+
 def _complete(ctx: ServerContext, chat: ChatRequest, generation: Generation, updates: list[ChoiceUpdate]) -> web.Response:
     choices = []
     outputs = _outputs(ctx, chat)
+    echo = _echo(chat)
     for total in merge_choice_updates(chat.params.n, updates):
         output = outputs[total.index]
         choices.append({
             "index": total.index,
-            "message": output.message(total.text),
+            "message": with_echo(output.message(total.text), echo),
             "logprobs": chat_logprobs(total.logprobs or [], ctx.token_texts) if chat.logprobs else None,
             "finish_reason": finish_reason_with_calls(total.finish_reason, output.calls, chat.tool_choice),
             "stop_reason": total.stop_reason,
@@ -130,7 +137,7 @@ async def _stream(request: web.Request, ctx: ServerContext, chat: ChatRequest, g
 
     try:
         await writer.prepare()
-        roles = [chunk(i, {"role": "assistant", "content": ""}) for i in range(chat.params.n)]
+        roles = [chunk(i, {"role": "assistant", "content": _echo(chat)}) for i in range(chat.params.n)]
         roles[0].update(_prompt_logprobs(ctx, chat, generation))
         await writer.send(roles + chunks(first))
         try:

@@ -29,6 +29,29 @@ def calls_from_constrained_json(text: str, choice: ToolChoice) -> list[ToolCall]
             for item in value if isinstance(item, dict) and isinstance(item.get("name"), str)]
 
 
+def echoed_text(echo: bool, messages: list[dict], add_generation_prompt: bool) -> str:
+    """What `echo` puts before a chat response's content ("" when nothing is echoed).
+
+    As vLLM: the last message is echoed when its role is the response's role. vLLM's response role is
+    the assistant's when the template adds a generation prompt and the last message's role when it does
+    not (the message is being continued: continue_final_message, or add_generation_prompt false), so
+    the last message counts when it is the assistant's or when no generation prompt is added.
+    """
+    if not echo:
+        return ""
+    last = messages[-1]
+    if add_generation_prompt and last.get("role") != "assistant":
+        return ""
+    return last.get("content") or ""  # parse_messages already joined text parts into one string
+
+
+def with_echo(message: dict, echo: str) -> dict:
+    """A whole chat message with the echoed text before its content (unchanged when there is none)."""
+    if echo:
+        message["content"] = echo + (message.get("content") or "")
+    return message
+
+
 def finish_reason_with_calls(finish_reason: str | None, calls: list, choice: ToolChoice) -> str | None:
     """"tool_calls" when the model stopped to call tools (OpenAI keeps "stop" for a named function)."""
     if calls and finish_reason == "stop" and choice.mode != "named":

@@ -61,6 +61,7 @@ CHAT_FIELDS = _COMMON_FIELDS | {
     "chat_template",
     "chat_template_kwargs",
     "documents",
+    "echo",
 }
 SEED_RANGE = (-(2**63), 2**63 - 1)
 MAX_PROMPTS_PER_REQUEST = 256  # prompts in one /v1/completions batch
@@ -113,6 +114,7 @@ class ChatRequest:
     continue_final_message: bool = False  # render the last (assistant) message open, to be continued
     chat_template: str | None = None  # a template for this request instead of the model's
     extras: GenerationExtras = field(default_factory=GenerationExtras)
+    echo: bool = False  # vLLM's: the continued last message's content starts the response's content
 
 
 @dataclass
@@ -412,7 +414,8 @@ def parse_chat_request(body: Any, strict: bool = False) -> ChatRequest:
                           f"tool_choice {tool_choice.mode!r}: the call's arguments already follow the tool's schema.")
     return ChatRequest(model, messages, params, stream, include_usage, logprobs, top_logprobs or 0, tools,
                        add_generation_prompt, continuous_usage, template_kwargs or None, tool_choice,
-                       parallel_tool_calls, continue_final, _get(body, "chat_template", str, None, "a string"), extras)
+                       parallel_tool_calls, continue_final, _get(body, "chat_template", str, None, "a string"), extras,
+                       _get(body, "echo", bool, False, "a boolean"))
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
