@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 
 import aiohttp
 import pytest
@@ -19,7 +18,7 @@ from bench.standin_worker import StandinWorker
 from helpers_http import serve
 from router.app import build_app
 from router.config import RouterConfig
-from worker.server.access_log import access_logger, configure_access_log
+from test_request_ids import access_lines, access_log_off_afterwards  # noqa: F401 - fixtures: lines, mode reset
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -74,21 +73,6 @@ def test_requests_the_router_answers_itself_are_not_observed():
                    ("/v1/completions", {"model": "m", "prompt": "hi", "stream": False})])
     assert ("radixfleet_router_overhead_seconds_count", "chat", None) not in samples  # 400 from the router
     assert samples[("radixfleet_router_overhead_seconds_count", "completions", None)] == 1
-
-
-@pytest.fixture
-def access_lines():
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    handler = Collect()
-    access_logger.addHandler(handler)
-    yield lines
-    access_logger.removeHandler(handler)
-    configure_access_log("off")  # the mode is per process: other tests' apps log nothing
 
 
 def test_json_access_line_carries_the_routers_own_milliseconds(access_lines):
