@@ -32,10 +32,14 @@ The router's added latency is measured during the same load (router_added_* in e
 paired probes, TTFT through the router minus TTFT straight at the worker the router chose, beside a control
 pair with no router in it (its spread is the noise floor), and the mean of the router's own
 time_to_first_byte histogram minus the workers' time_to_first_token. These are host seconds, not scaled.
+The router's own account of it (router_overhead_*): the delta over the run of its
+radixfleet_router_overhead_seconds histogram (arrival to the upstream request sent, plus the worker's first
+body byte to the client), p50 / p99 interpolated linearly within its buckets as Prometheus'
+histogram_quantile does; the worker's noise is not in it, so it reads what the probes cannot on a busy host.
 
 Writes DIR/fleet.json (rows keyed router, req_s, output_tok_s, ttft_p50_s, ttft_p99_s, itl_p50_s,
 hit_rate, per_worker_requests, per_worker_prompt_tokens, busiest_over_mean, failed, router_added_p50_s,
-router_added_p99_s, router_added_mean_s, time_scale), DIR/fleet.csv,
+router_added_p99_s, router_added_mean_s, router_overhead_p50_s, router_overhead_p99_s, time_scale), DIR/fleet.csv,
 DIR/fleet.png, and per router the Locust CSVs and process logs under DIR/logs/.
 """
 
@@ -73,7 +77,7 @@ WORKLOAD_FLAGS = ("documents", "doc_chars", "zipf", "system_prompts", "system_ch
                   "groups", "prompts_per_group", "prefix_chars", "question_chars", "trace")
 ROW_KEYS = ("router", "req_s", "output_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "e2e_p50_s", "hit_rate",
             "busiest_over_mean", "failed", "requests", "router_added_p50_s", "router_added_p99_s",
-            "router_added_mean_s", "time_scale", "per_worker_requests", "per_worker_prompt_tokens")
+            "router_added_mean_s", "router_overhead_p50_s", "router_overhead_p99_s", "time_scale", "per_worker_requests", "per_worker_prompt_tokens")
 SIM_PROCESS_PER_WORKER_MAX = 8  # --sim-host auto: more sim workers than this share one sim-fleet process
 SIM_REPORT_S = 5  # seconds between the sim-fleet's host_busy lines
 
@@ -369,6 +373,54 @@ def histogram_totals(url: str, name: str) -> tuple[float, float]:
     return totals[0], totals[1]
 
 
+OVERHEAD_HISTOGRAM = "radixfleet_router_overhead_seconds"
+
+
+def histogram_buckets(url: str, name: str) -> dict[float, float]:
+    """Cumulative bucket counts {upper bound: count} of histogram `name` in url's /metrics, added up over its
+    labels (+Inf as math.inf); {} if absent."""
+    with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=10) as resp:
+        text = resp.read().decode(errors="replace")
+    buckets: dict[float, float] = {}
+    prefix = name + "_bucket{"
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            match = re.search(r'le="([^"]+)"', line)
+            if match:
+                bound = float(match.group(1))  # float() reads "+Inf" too
+                buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """The q-th percentile of the observations between two scrapes of a histogram, interpolated linearly
+    within the bucket it falls in (from 0 below the first bound); past the last finite bound, that bound.
+    None when nothing was observed."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank = q / 100 * counts[-1]
+    lower, below = 0.0, 0.0
+    for bound, count in zip(bounds, counts):
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 0.0)
+        lower, below = bound, count
+    return lower  # pragma: no cover - the +Inf bucket holds every observation
+
+
+def router_overhead_figures(before: dict[float, float] | None, after: dict[float, float] | None) -> dict:
+    """The router's own added seconds over the run, from its histogram's delta (our routers only)."""
+    if not after:
+        return {"router_overhead_p50_s": None, "router_overhead_p99_s": None, "router_overhead_requests": 0}
+    before = before or {}
+    return {"router_overhead_p50_s": bucket_quantile(before, after, 50),
+            "router_overhead_p99_s": bucket_quantile(before, after, 99),
+            "router_overhead_requests": int(after.get(math.inf, 0.0) - before.get(math.inf, 0.0))}
+
+
 def ttft_means(router_url: str, worker_urls: list[str]) -> dict:
     """Histogram totals: the router's time to first byte and the workers' time to first token."""
     router = histogram_totals(router_url, "radixfleet_router_time_to_first_byte_seconds")
@@ -650,6 +702,10 @@ def plot(path: Path, rows: list[dict], setup: str) -> None:
                        "series": {"p50": [_ms(r["router_added_p50_s"]) for r in rows],
                                   "p99": [_ms(r["router_added_p99_s"]) for r in rows],
                                   "control p99": [_ms(r["probe_control_p99_s"]) for r in rows]}})
+    if any(r["router_overhead_p99_s"] is not None for r in rows):
+        panels.append({"title": "router overhead (its own histogram, bucket-interpolated)", "ylabel": "ms",
+                       "labels": labels, "series": {"p50": [_ms(r["router_overhead_p50_s"]) for r in rows],
+                                                    "p99": [_ms(r["router_overhead_p99_s"]) for r in rows]}})
     bar_panels(path, panels, "radixfleet bench fleet", footnote=setup)
 
 
@@ -661,7 +717,7 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
     workers: list[subprocess.Popen] = []
     router = shims = probe = None
     sim_log: Path | None = None
-    means_before = means_after = None
+    means_before = means_after = overhead_before = overhead_after = None
     try:
         if external_urls:
             urls = external_urls
@@ -689,6 +745,8 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
         load_before = load_average()
         router_url = f"http://127.0.0.1:{port}"
         ours = name not in PEERS  # peers have no worker header and no time_to_first_byte histogram
+        if ours:
+            overhead_before = histogram_buckets(router_url, OVERHEAD_HISTOGRAM)
         if ours and args.probe_interval_s > 0:
             means_before = ttft_means(router_url, urls)
             probe = LatencyProbe(router_url, urls, args.served_model or args.model, args.probe_interval_s)
@@ -709,6 +767,8 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
         if probe is not None:
             probe.finish()
             means_after = ttft_means(router_url, urls)
+        if ours:
+            overhead_after = histogram_buckets(router_url, OVERHEAD_HISTOGRAM)
         after = counters(urls)
         load_after = load_average()
     finally:
@@ -723,6 +783,7 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
         stop(workers)
     row = summarize(name, samples, before, after, notes, args.time_scale)
     row.update(router_added_figures(probe, means_before, means_after))
+    row.update(router_overhead_figures(overhead_before, overhead_after))
     row.update(per_document_figures(args, row, goal, after))
     # On a shared machine other work moves every figure: record how busy it was around the run.
     row["load_average_before_after"] = [load_before, load_after]
@@ -734,9 +795,10 @@ def run_router(name: str, args, logs: Path, external_urls: list[str] | None) -> 
         # Percent of one core the sim engines' steps took, per report line during the load: near 100 the
         # host could not keep up with the modelled GPU, and a larger --time-scale is needed.
         row["sim_host_busy_pct"] = host_busy_during(sim_log, sim_log_offset)
-    added = row["router_added_p99_s"]
+    added, overhead = row["router_added_p99_s"], row["router_overhead_p99_s"]
     print(f"  {name}: {row['req_s']:.2f} req/s, hit rate {100 * row['hit_rate']:.1f}%, "
           f"{row['failed']} failed" + (f", router added p99 {1000 * added:.1f} ms" if added is not None else "")
+          + (f", router overhead p99 {1000 * overhead:.2f} ms" if overhead is not None else "")
           + (f", sim host_busy {row['sim_host_busy_pct']}%, sim-fleet process {_pct(row['sim_host_cpu_share'])} "
              f"of a core" if sim_log is not None else "")
           + f", router process {_pct(row['router_cpu_share'])} of a core", flush=True)
@@ -750,7 +812,8 @@ def run_external_router(url: str, args, logs: Path) -> dict:
     samples = run_locust(args, url.rstrip("/"), urls, logs, "external")
     after = counters(urls) if urls else []
     notes = [] if urls else ["no --worker-urls: hit rate and per-worker figures unknown"]
-    return {**summarize(f"external {url}", samples, before, after, notes), **router_added_figures(None, None, None)}
+    return {**summarize(f"external {url}", samples, before, after, notes), **router_added_figures(None, None, None),
+            **router_overhead_figures(None, None)}
 
 
 def validate(args) -> None:
@@ -889,9 +952,14 @@ def _run(args: argparse.Namespace) -> int:
     print_table([{**r, "hit %": 100 * r["hit_rate"], "ttft p50 ms": _ms(r["ttft_p50_s"]),
                   "ttft p99 ms": _ms(r["ttft_p99_s"]), "itl p50 ms": _ms(r["itl_p50_s"]),
                   "added p50 ms": _ms(r["router_added_p50_s"]), "added p99 ms": _ms(r["router_added_p99_s"]),
-                  "control p99 ms": _ms(r["probe_control_p99_s"])} for r in rows],
+                  "control p99 ms": _ms(r["probe_control_p99_s"]), "overhead p50 ms": _ms(r["router_overhead_p50_s"]),
+                  "overhead p99 ms": _ms(r["router_overhead_p99_s"])} for r in rows],
                 ["router", "req_s", "output_tok_s", "ttft p50 ms", "ttft p99 ms", "itl p50 ms", "hit %",
-                 "busiest_over_mean", "failed", "added p50 ms", "added p99 ms", "control p99 ms"], title=setup)
+                 "busiest_over_mean", "failed", "added p50 ms", "added p99 ms", "control p99 ms", "overhead p50 ms",
+                 "overhead p99 ms"], title=setup)
+    if any(r["router_overhead_p99_s"] is not None for r in rows):
+        print("  overhead: the router's own radixfleet_router_overhead_seconds over the run (arrival to upstream "
+              "sent + first body byte to client), p50/p99 interpolated within its buckets; added/control: probes")
     for r in rows:
         print(f"  {r['router']}: per-worker requests {r['per_worker_requests']}, "
               f"prompt tokens {r['per_worker_prompt_tokens']}")

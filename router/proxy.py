@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
+from router.metrics import OVERHEAD_KEY
 from router.policies import Decision, NoWorkerAvailable, RouteRequest
 from router.responses import json_error
 from router.upstream import (
@@ -128,6 +129,8 @@ class _Timing:
     started: float
     first_byte: bool = False  # on_first_byte ran: the outstanding share is given back already
     text_chars: int = 0  # routing characters, set against the worker's usage.prompt_tokens
+    waited: float = 0.0  # seconds earlier failed attempts spent on their workers: not the router's own time
+    attempt_at: float = 0.0  # when this attempt called the upstream (a failure's wait starts there)
 
 
 def release_attempt(worker: "WorkerState", timing: _Timing) -> None:
@@ -171,6 +174,7 @@ class Proxy:
         last_failure: _AttemptFailed | None = None
         retries_left = state.config.max_retries
         shed_retries_left = 1  # an overloaded fleet is not made busier by asking every worker in turn
+        waited = 0.0
         while True:
             workers = state.pool.routable(time.monotonic(), tried)
             if not workers:
@@ -185,11 +189,12 @@ class Proxy:
                 metrics.retries += 1
             pending = worker.on_dispatch(worker.uncached_tokens(route.text_chars, decision.match_chars),
                                          stream, route.text_chars)
-            timing = _Timing(pending, endpoint, started, text_chars=route.text_chars)
+            timing = _Timing(pending, endpoint, started, text_chars=route.text_chars, waited=waited)
             try:
                 return await self._attempt(request, worker, path, raw, headers, stream, timing)
             except _AttemptFailed as failure:
                 last_failure = failure
+                waited += time.monotonic() - timing.attempt_at
                 tried.append(worker)
                 if failure.counts:
                     worker.breaker.record_failure(time.monotonic(), hard=failure.hard)
@@ -239,10 +244,19 @@ class Proxy:
         worker.breaker.record_success()
         self.state.metrics.first_byte[timing.endpoint].observe(time.monotonic() - timing.started)
 
+    def _overhead(self, request: web.Request, upstream: UpstreamResponse, timing: "_Timing") -> None:
+        """The router's own seconds, once the answer's first byte is handed on: arrival to the upstream request
+        sent (less failed attempts' waits), plus the worker's first body byte arriving to its relay."""
+        now = time.monotonic()
+        seconds = upstream.sent_at - timing.started - timing.waited + now - (upstream.body_at or now)
+        self.state.metrics.overhead[timing.endpoint].observe(seconds)
+        request[OVERHEAD_KEY] = seconds
+
     async def _attempt(self, request: web.Request, worker: "WorkerState", path: str, raw: bytes,
                        headers: str, stream: bool, timing: "_Timing") -> web.StreamResponse:
         try:
             cfg = self.state.config  # a non-streamed answer's head comes when it is complete: read timeout
+            timing.attempt_at = time.monotonic()
             upstream = await self.upstream.post(
                 worker.url, path, raw, headers,
                 first_byte_timeout_s=cfg.first_byte_timeout_s if stream else cfg.read_timeout_s,
@@ -258,6 +272,7 @@ class Proxy:
                 if failure is not None:
                     raise failure
                 self._first_byte(worker, timing)  # a 4xx: the worker is fine, the request is not
+                self._overhead(request, upstream, timing)
                 return self._relayed(relay, worker)
             if not stream or status != 200:
                 try:
@@ -270,6 +285,7 @@ class Proxy:
                 response.headers["Content-Type"] = content_type
                 response.headers[WORKER_HEADER] = worker.worker_id
                 response.headers.update(_kept_headers(upstream, _SUCCESS_HEADERS))
+                self._overhead(request, upstream, timing)  # relay ends where aiohttp takes the answer to send
                 return response
             return await self._pipe_stream(request, worker, upstream, content_type, timing)
         finally:
@@ -318,6 +334,7 @@ class Proxy:
         try:
             await response.prepare(request)
             await response.write(first)
+            self._overhead(request, upstream, timing)
         except (ConnectionError, aiohttp.ClientError):
             upstream.close()  # client left: drop the worker connection so it stops generating
             return response

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+import time
 from collections import deque
 from urllib.parse import urlsplit
 
@@ -208,6 +209,7 @@ class _Connection(asyncio.Protocol):
         self.framed = False
         response._conn = self
         self.transport.write(request_bytes)
+        response.sent_at = time.monotonic()
 
     def resume(self) -> None:
         if self.paused and self.transport is not None and not self.closed:
@@ -219,7 +221,8 @@ class UpstreamResponse:
     """A worker's answer: `status`, `headers` (lower-case names), body via `read_chunk()` / `read()`."""
 
     __slots__ = ("status", "headers", "done", "_chunks", "queued_bytes", "_waiter", "_error",
-                 "_conn", "_loop", "_first_byte_s", "_idle_s", "_head", "_pool", "_live")
+                 "_conn", "_loop", "_first_byte_s", "_idle_s", "_head", "_pool", "_live",
+                 "sent_at", "body_at")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, first_byte_s: float, idle_s: float,
                  pool: "UpstreamPool", live: "set[UpstreamResponse] | None" = None) -> None:
@@ -237,6 +240,7 @@ class UpstreamResponse:
         self._head = False
         self._pool = pool
         self._live = live  # the pool's set of unfinished answers from this worker (for abort_worker)
+        self.sent_at = self.body_at = 0.0  # time.monotonic() of the request sent, of the first body byte in
         if live is not None:
             live.add(self)
 
@@ -256,6 +260,8 @@ class UpstreamResponse:
         self._wake()
 
     def _feed(self, data: bytes) -> None:
+        if not self.body_at:
+            self.body_at = time.monotonic()
         self._chunks.append(data)
         self.queued_bytes += len(data)
         self._wake()

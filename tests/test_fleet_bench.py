@@ -219,8 +219,11 @@ def test_eight_sim_workers_in_one_process_behind_two_routers_write_the_rows(tmp_
     assert [r["router"] for r in rows] == ["cache_aware", "round_robin"]
     for row in rows:
         for key in ("router", "req_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "hit_rate", "busiest_over_mean",
-                    "failed", "router_added_p50_s", "router_added_p99_s", "router_added_mean_s", "time_scale"):
+                    "failed", "router_added_p50_s", "router_added_p99_s", "router_added_mean_s", "time_scale",
+                    "router_overhead_p50_s", "router_overhead_p99_s"):
             assert row[key] is not None, key
+        assert row["router_overhead_p50_s"] <= row["router_overhead_p99_s"]
+        assert row["router_overhead_requests"] >= row["requests"]  # every load request (and each probe) is in it
         assert row["failed"] == 0 and row["requests"] > 0 and row["time_scale"] == 2
         assert len(row["per_worker_requests"]) == 8 and sum(row["per_worker_requests"]) > 0
         assert 0 < row["hit_rate"] < 1  # shared documents hit the sim workers' radix caches

@@ -208,7 +208,7 @@ def test_router_json_access_lines_parse_and_carry_the_fields(access_lines):
     assert all(SECRET_PROMPT not in line for line in access_lines)
     plain, streamed, missing = entries
     assert set(plain) == {"time", "method", "path", "status", "duration_ms", "request_id", "worker_id",
-                          "prompt_tokens", "completion_tokens"}
+                          "router_overhead_ms", "prompt_tokens", "completion_tokens"}
     assert plain["time"].endswith("Z") and plain["duration_ms"] >= 0
     assert (plain["method"], plain["path"], plain["status"], plain["request_id"]) == \
         ("POST", "/v1/chat/completions", 200, "req-json")

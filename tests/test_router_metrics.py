@@ -13,6 +13,7 @@ PUBLISHED = {
     "radixfleet_router_errors": "counter", "radixfleet_router_predicted_match_ratio": "histogram",
     "radixfleet_router_request_duration_seconds": "histogram",
     "radixfleet_router_time_to_first_byte_seconds": "histogram",
+    "radixfleet_router_overhead_seconds": "histogram",
     "radixfleet_router_worker_healthy": "gauge", "radixfleet_router_worker_in_flight": "gauge",
     "radixfleet_router_worker_outstanding_tokens": "gauge", "radixfleet_router_tree_size_tokens": "gauge",
     "radixfleet_router_tree_nodes": "gauge", "radixfleet_router_tree_capacity_tokens": "gauge",
