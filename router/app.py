@@ -272,11 +272,12 @@ async def _generate(state: RouterState, request: web.Request, path: str, kind: s
     text = parsed.routing_text
     hashes = chunk_hashes(text, config.chunk_chars) if state.policy.uses_tree else []
     route = RouteRequest(hashes, len(text), parsed.session_key, config.chars_per_token)
-    try:
-        await state.gate.acquire()
-    except Shed as shed:
-        state.metrics.errors["shed"] += 1
-        return _shed(f"{shed.reason}; retry in {shed.retry_after_s} s", shed.retry_after_s, "router_overloaded")
+    if not state.gate.try_acquire():
+        try:
+            await state.gate.acquire()
+        except Shed as shed:
+            state.metrics.errors["shed"] += 1
+            return _shed(f"{shed.reason}; retry in {shed.retry_after_s} s", shed.retry_after_s, "router_overloaded")
     state.active_requests += 1
     try:
         return await state.proxy.forward(request, path, raw, route, parsed.stream, endpoint, started)

@@ -463,7 +463,10 @@ class UpstreamPool:
             if conn is None:
                 conn = await self._connect(host, port, tls)
                 conn.key = key
-            response = UpstreamResponse(loop, first_byte_s, idle_s, self, self._live.setdefault(base_url, set()))
+            live = self._live.get(base_url)
+            if live is None:  # (setdefault would build an empty set on every request)
+                live = self._live[base_url] = set()
+            response = UpstreamResponse(loop, first_byte_s, idle_s, self, live)
             conn.start(request, response)
             try:
                 await response.wait_head()
