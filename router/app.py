@@ -390,6 +390,30 @@ async def not_found(request: web.Request) -> web.Response:
     return json_error(404, f"unknown endpoint {request.method} {request.path}", code="not_found")
 
 
+class _Routes:
+    """`app.router`'s add_get/add_post/add_delete/add_route; with `wrap`, each handler is `_served`, the key
+    its path needs (`ACCESS`) decided here once."""
+
+    def __init__(self, app: web.Application, wrap: bool) -> None:
+        self.router = app.router
+        self.wrap = wrap
+
+    def _handler(self, path: str, handler):
+        return _served(handler, ACCESS.get(path)) if self.wrap else handler
+
+    def add_get(self, path: str, handler) -> None:  # GET and HEAD, as aiohttp's add_get
+        self.router.add_get(path, self._handler(path, handler))
+
+    def add_post(self, path: str, handler) -> None:
+        self.router.add_post(path, self._handler(path, handler))
+
+    def add_delete(self, path: str, handler) -> None:
+        self.router.add_delete(path, self._handler(path, handler))
+
+    def add_route(self, method: str, path: str, handler) -> None:
+        self.router.add_route(method, path, self._handler(path, handler))
+
+
 def build_app(config: RouterConfig) -> web.Application:
     """The aiohttp application. Its startup connects to the workers; cleanup closes everything."""
     state = RouterState(config)
@@ -401,25 +425,19 @@ def build_app(config: RouterConfig) -> web.Application:
     app.on_response_prepare.append(echo_request_id)
     app[STATE_KEY] = state
 
-    def add(method: str, path: str, handler) -> None:
-        handler = handler if middlewares else _served(handler, ACCESS.get(path))
-        if method == "GET":
-            app.router.add_get(path, handler)  # GET and HEAD, as add_get does
-        else:
-            app.router.add_route(method, path, handler)
-
-    add("POST", "/v1/chat/completions", _generation_handler("/v1/chat/completions", "chat", "chat"))
-    add("POST", "/v1/completions", _generation_handler("/v1/completions", "completion", "completions"))
-    add("GET", "/v1/models", models_handler)
-    add("POST", "/tokenize", _worker_post_handler("/tokenize", "tokenize"))
-    add("POST", "/detokenize", _worker_post_handler("/detokenize", "detokenize"))
-    add("GET", "/version", version_handler)
-    add("GET", "/health", health_handler)
-    add("GET", "/metrics", metrics_handler)
-    add("GET", "/workers", workers_get)
-    add("POST", "/workers", workers_post)
-    add("DELETE", "/workers", workers_delete)
-    add("*", "/{tail:.*}", not_found)
+    routes = _Routes(app, wrap=not middlewares)
+    routes.add_post("/v1/chat/completions", _generation_handler("/v1/chat/completions", "chat", "chat"))
+    routes.add_post("/v1/completions", _generation_handler("/v1/completions", "completion", "completions"))
+    routes.add_get("/v1/models", models_handler)
+    routes.add_post("/tokenize", _worker_post_handler("/tokenize", "tokenize"))
+    routes.add_post("/detokenize", _worker_post_handler("/detokenize", "detokenize"))
+    routes.add_get("/version", version_handler)
+    routes.add_get("/health", health_handler)
+    routes.add_get("/metrics", metrics_handler)
+    routes.add_get("/workers", workers_get)
+    routes.add_post("/workers", workers_post)
+    routes.add_delete("/workers", workers_delete)
+    routes.add_route("*", "/{tail:.*}", not_found)
 
     async def on_startup(_app: web.Application) -> None:
         await state.start()
