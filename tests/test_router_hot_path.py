@@ -55,6 +55,18 @@ def test_keys_request_ids_and_open_routes_answer_alike_with_and_without_middlewa
     assert status == 404
 
 
+@pytest.mark.parametrize("access_log", ["off", "json"])
+def test_an_answer_outside_every_route_still_carries_the_request_id(fleet_factory, access_log):
+    fleet = fleet_factory(1, access_log=access_log)
+    with socket.create_connection(("127.0.0.1", fleet.port), timeout=20) as sock:
+        sock.sendall(b"OPTIONS * HTTP/1.1\r\nHost: x\r\nX-Request-ID: star-1\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head = answer.split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 4") and b"\r\nx-request-id: star-1" in head, answer[:300]
+
+
 def test_a_body_that_arrives_in_pieces_is_read_whole(fleet_factory):
     fleet = fleet_factory(1)
     body = b'{"model": "m", "messages": [{"role": "user", "content": "in two pieces"}]}'
