@@ -46,11 +46,17 @@ os.register_at_fork(after_in_child=_fresh_ids.clear)  # a forked child must not 
 
 
 def new_request_id() -> str:
-    if not _fresh_ids:
-        raw = os.urandom(16 * _ID_BATCH)
-        _fresh_ids.extend(f"{(int.from_bytes(raw[i:i + 16], 'big') & _UUID4_CLEAR) | _UUID4_SET:032x}"
-                          for i in range(0, len(raw), 16))
-    return _fresh_ids.pop()
+    """A fresh random id (safe from any thread: each caller pops its own, a refill keeps one for itself)."""
+    try:
+        return _fresh_ids.pop()
+    except IndexError:
+        pass
+    raw = os.urandom(16 * _ID_BATCH)
+    batch = [f"{(int.from_bytes(raw[i:i + 16], 'big') & _UUID4_CLEAR) | _UUID4_SET:032x}"
+             for i in range(0, len(raw), 16)]
+    mine = batch.pop()
+    _fresh_ids.extend(batch)
+    return mine
 
 
 def accept_request_id(given: str | None) -> str:
