@@ -3,7 +3,8 @@
 A request either gets a slot at once, waits in the queue for one (up to the queue timeout), or is
 shed at once when the queue is full. Shedding is an answer (503 + Retry-After), never a dropped
 connection, and a queued request that times out is answered the same way. The gate holds no I/O
-of its own: the handler asks `acquire()` and always calls `release()` for a slot it got.
+of its own: the handler asks `try_acquire()`, then `acquire()` when that says no, and always calls
+`release()` for a slot it got.
 """
 
 from __future__ import annotations
@@ -39,10 +40,18 @@ class AdmissionGate:
         """A client's fair wait: how long the queue takes to move, at least 1 s."""
         return max(1, min(int(self.queue_timeout_s), 1 + len(self._waiters) // max(1, self.max_active)))
 
-    async def acquire(self) -> None:
-        """A slot, possibly after waiting; Shed when there is none to be had."""
+    def try_acquire(self) -> bool:
+        """A slot at once when one is free and nobody queues for it; False: `acquire()` waits or sheds.
+
+        The common case, without the coroutine `acquire()` costs a request."""
         if self.active < self.max_active and not self._waiters:
             self.active += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """A slot, possibly after waiting; Shed when there is none to be had."""
+        if self.try_acquire():
             return
         if len(self._waiters) >= self.max_queued:
             self.shed_full += 1

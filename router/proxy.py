@@ -47,6 +47,7 @@ from router.upstream import (
     UpstreamResponse,
 )
 from router.usage import prompt_tokens_in
+from router.request_id import tracing_header_lines
 from worker.contracts import SSE_DONE, error_json, sse_error_event
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -154,7 +155,6 @@ class Proxy:
 
     def _upstream_headers(self, request: web.Request) -> str:
         """Request headers worth passing on (tracing ids), as raw header lines, and the workers' key."""
-        from router.request_id import tracing_header_lines
         key = self.state.config.worker_api_key
         lines = f"Authorization: Bearer {key}\r\n" if key else ""
         # The id the router serves the request under (the client's when sane) and a well-formed traceparent.

@@ -15,12 +15,25 @@ from aiohttp import web
 
 from worker.server.request_id import (  # noqa: F401 - re-exported for router/app.py
     HEADER,
+    REQUEST_ID_KEY,
     TRACEPARENT,
-    echo_request_id,
+    accept_request_id,
     request_id_middleware,
     request_id_of,
     valid_traceparent,
 )
+
+
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response carries the request's id, streamed ones included.
+
+    Also an answer no route handler served (aiohttp's own 404 for a target outside every route, such
+    as `OPTIONS *`): without middlewares nothing gave that request an id, so it gets the one the
+    request id middleware would have given it."""
+    request_id = request.get(REQUEST_ID_KEY)
+    if request_id is None:
+        request_id = request[REQUEST_ID_KEY] = accept_request_id(request.headers.get(HEADER))
+    response.headers[HEADER] = request_id
 
 
 def tracing_header_lines(request: web.Request) -> str:

@@ -358,6 +358,8 @@ def _header_block(lines: str) -> bytes:
     """The extra header lines as bytes, without any line that would make the request invalid HTTP."""
     if not lines:
         return b""
+    if lines.isascii() and lines.replace("\r\n", "").isprintable():
+        return lines.encode("ascii")  # printable ASCII lines (ids, keys): nothing to leave out
     try:
         block = lines.encode("latin-1")
     except UnicodeEncodeError:
@@ -448,9 +450,9 @@ class UpstreamPool:
         first_byte_timeout_s / idle_timeout_s: this request's timeouts (default: the pool's).
         """
         host, port, tls, host_header = self._target(base_url)
-        request = (f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\nContent-Type: application/json\r\n"
-                   f"Accept-Encoding: identity\r\nContent-Length: {len(body)}\r\n").encode("latin-1")
-        request += _header_block(extra_headers) + b"\r\n" + body
+        head = (f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\nContent-Type: application/json\r\n"
+                f"Accept-Encoding: identity\r\nContent-Length: {len(body)}\r\n").encode("latin-1")
+        request = b"".join((head, _header_block(extra_headers), b"\r\n", body))  # the body is copied once
         first_byte_s = self.first_byte_timeout_s if first_byte_timeout_s is None else first_byte_timeout_s
         idle_s = self.read_timeout_s if idle_timeout_s is None else idle_timeout_s
         key = (host, port, tls)
@@ -467,7 +469,10 @@ class UpstreamPool:
             if conn is None:
                 conn = await self._connect(host, port, tls)
                 conn.key = key
-            response = UpstreamResponse(loop, first_byte_s, idle_s, self, self._live.setdefault(base_url, set()))
+            live = self._live.get(base_url)
+            if live is None:  # (setdefault would build an empty set on every request)
+                live = self._live[base_url] = set()
+            response = UpstreamResponse(loop, first_byte_s, idle_s, self, live)
             conn.start(request, response)
             try:
                 await response.wait_head()
