@@ -64,7 +64,7 @@ from bench.cache_hit_bench import FieldFilterShims, read_worker_counters, stop
 from bench.locust.trace import TraceError, read_trace
 from bench.locust.workloads import WORKLOADS
 from bench.plotting import bar_panels, print_table, script_main, write_json
-from bench.router_bench import ROOT, STANDIN, cpu_model, free_port, load_average, wait_http
+from bench.router_bench import ROOT, STANDIN, cpu_model, free_port, load_average, pythonpath_with, wait_http
 
 LOCUSTFILE = ROOT / "bench" / "locust" / "locustfile.py"
 PEERS = {  # name -> (python module to look for, pip package)
@@ -480,11 +480,6 @@ def resolve_routers(names: list[str]) -> tuple[list[str], list[str]]:
     return run, notes
 
 
-def _pythonpath_with_root() -> str:
-    """This source tree first, then whatever PYTHONPATH already holds (e.g. wheels of missing packages)."""
-    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-
-
 # --- a load measured in requests per document --------------------------------------------------------------
 # In a fixed --duration a bigger fleet (or a slower host) serves fewer requests per document, and the first
 # request for each document is a cold miss on every router: the hit rate then falls with N for a reason that
@@ -566,7 +561,7 @@ def run_locust(args, host: str, urls: list[str], logs: Path, tag: str, goal: Loa
     samples_path = logs / f"{tag}_samples.json"
     log_path = logs / f"{tag}_locust.log"
     proc = subprocess.Popen(locust_argv(args, host, logs / f"{tag}_locust", samples_path), cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": _pythonpath_with_root()}, stdout=log_path.open("wb"),
+                            env={**os.environ, "PYTHONPATH": pythonpath_with(ROOT)}, stdout=log_path.open("wb"),
                             stderr=subprocess.STDOUT)
     start = time.monotonic()
     before = counters(urls)

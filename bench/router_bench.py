@@ -38,6 +38,11 @@ STANDIN = Path(__file__).resolve().parent / "standin_worker.py"
 WORDS = "alpha beta gamma delta router cache prefix token worker latency batch queue kernel tensor".split()
 
 
+def pythonpath_with(tree: Path) -> str:
+    """PYTHONPATH with a radixfleet source tree first and whatever it already held (e.g. wheels) after it."""
+    return os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

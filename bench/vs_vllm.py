@@ -43,7 +43,8 @@ import tempfile
 from pathlib import Path
 
 from bench.plotting import bar_panels, print_table, write_report
-from bench.vs_vllm_served import add_served_arguments, pythonpath_with, run_engine
+from bench.router_bench import free_port, pythonpath_with
+from bench.vs_vllm_served import add_served_arguments, run_engine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "offline_child.py"
@@ -262,8 +263,6 @@ def _report(args, folder: Path, sampling: list[str], results: list[dict], skippe
 
 
 def run_served(args, engines: list[tuple], folder: Path) -> int:
-    from bench.router_bench import free_port
-
     out_dir = Path(args.out)
     logs = out_dir / "vs_vllm_served_logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.locust.workloads import DocQA
+from bench.router_bench import pythonpath_with
 
 WARMUP_REQUESTS = 4
 
@@ -55,11 +56,6 @@ def add_served_arguments(parser) -> None:
 
 
 # ---------------------------------------------------------------------- servers
-def pythonpath_with(tree: Path) -> str:
-    """PYTHONPATH with a radixfleet source tree first and whatever it already held (e.g. wheels) after it."""
-    return os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
-
-
 def server_command(engine: str, tree: Path, folder: Path, port: int, args, extra: list[str]) -> tuple[list, dict, str]:
     """(argv, env, cwd) of one engine's OpenAI server; `extra` are flags from `engine[...]`."""
     common = ["--port", str(port), "--gpu-memory-utilization", str(args.mem_fraction),
