@@ -64,7 +64,8 @@ from bench.cache_hit_bench import FieldFilterShims, read_worker_counters, stop
 from bench.locust.trace import TraceError, read_trace
 from bench.locust.workloads import WORKLOADS
 from bench.plotting import bar_panels, print_table, script_main, write_json
-from bench.router_bench import ROOT, STANDIN, cpu_model, free_port, load_average, pythonpath_with, wait_http
+from bench.router_bench import (ROOT, STANDIN, cpu_model, free_port, load_average, percentile, pythonpath_with,
+                                wait_http)
 
 LOCUSTFILE = ROOT / "bench" / "locust" / "locustfile.py"
 PEERS = {  # name -> (python module to look for, pip package)
@@ -592,15 +593,6 @@ def run_locust(args, host: str, urls: list[str], logs: Path, tag: str, goal: Loa
 
 
 # --- figures ---------------------------------------------------------------------------------------------
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile; None with no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[rank]
-
 
 def hit_totals(before: list[dict], after: list[dict]) -> tuple[int, int]:
     hits = sum(a["cache_hit_tokens"] - b["cache_hit_tokens"] for a, b in zip(after, before))

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import random
 import re
@@ -54,7 +53,7 @@ import xxhash
 
 from bench.cache_hit_bench import build_system_prompts, read_worker_counters, stop, user_turn
 from bench.plotting import bar_panels, format_table, script_main, write_report
-from bench.router_bench import ROOT, cpu_model, free_port, wait_http
+from bench.router_bench import ROOT, cpu_model, free_port, percentile, wait_http
 from router.policies import POLICY_NAMES
 from router.request_parsing import chat_routing_text
 
@@ -121,15 +120,6 @@ class ReplicaPicker:
             return self._round_robin()
         key = chat_routing_text(messages)[:self.hash_chars].encode()
         return max(range(self.replicas), key=lambda r: xxhash.xxh3_64_intdigest(key, seed=r))
-
-
-def percentile(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile (p in [0, 100]); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(p * len(ordered) / 100)))
-    return ordered[rank - 1]
 
 
 # ---------------------------------------------------------------------- the client

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import math
 import os
 import platform
 import random
@@ -36,6 +37,15 @@ ROOT = Path(__file__).resolve().parent.parent
 STANDIN = Path(__file__).resolve().parent / "standin_worker.py"
 
 WORDS = "alpha beta gamma delta router cache prefix token worker latency batch queue kernel tensor".split()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 100]) of the benchmarks' samples; None with no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(q * len(ordered) / 100)))
+    return ordered[rank - 1]
 
 
 def pythonpath_with(tree: Path) -> str:

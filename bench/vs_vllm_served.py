@@ -23,24 +23,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.locust.streaming import StreamReader, StreamResult, sse_data
 from bench.locust.workloads import DocQA
-from bench.router_bench import pythonpath_with
+from bench.router_bench import percentile, pythonpath_with
 
 WARMUP_REQUESTS = 4
-
-
-@dataclass
-class Sample:
-    ok: bool
-    ttft_s: float | None = None
-    e2e_s: float = 0.0
-    itl_s: list[float] = field(default_factory=list)
-    completion_tokens: int = 0
-    cached_tokens: int | None = None
-    error: str | None = None
 
 
 def add_served_arguments(parser) -> None:
@@ -121,45 +110,35 @@ def chat_body(session, model: str, args) -> dict:
             "stream": True, "stream_options": {"include_usage": True}}
 
 
-async def one_request(http, url: str, body: dict) -> Sample:
+async def one_request(http, url: str, body: dict) -> StreamResult:
     import orjson
 
-    start = time.perf_counter()
-    sample, last = Sample(ok=False), None
+    reader = StreamReader()
+    result = reader.result
     try:
         async with http.post(url + "/v1/chat/completions", json=body) as resp:
             if resp.status != 200:
-                sample.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                return sample
+                result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return result
             async for raw in resp.content:
-                if not raw.startswith(b"data:"):
+                data = sse_data(raw)
+                if data is None:
                     continue
-                data = raw[5:].strip()
                 if data == b"[DONE]":
                     break
-                event = orjson.loads(data)
-                if event.get("usage"):
-                    sample.completion_tokens = event["usage"].get("completion_tokens") or 0
-                    sample.cached_tokens = (event["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
-                for choice in event.get("choices") or ():
-                    if (choice.get("delta") or {}).get("content"):
-                        now = time.perf_counter()
-                        if last is None:
-                            sample.ttft_s = now - start
-                        else:
-                            sample.itl_s.append(now - last)
-                        last = now
-        sample.ok = sample.ttft_s is not None
-        if not sample.ok:
-            sample.error = "stream carried no text"
+                if not reader.feed(orjson.loads(data)):
+                    return result
+        result.ok = result.ttft_s is not None
+        if not result.ok:
+            result.error = "stream carried no text"
     except Exception as exc:  # noqa: BLE001 - a failed request is counted, not fatal
-        sample.error = f"{type(exc).__name__}: {exc}"
+        result.error = f"{type(exc).__name__}: {exc}"
     finally:
-        sample.e2e_s = time.perf_counter() - start
-    return sample
+        reader.finish()
+    return result
 
 
-async def run_stream(url: str, model: str, args) -> tuple[list[Sample], float]:
+async def run_stream(url: str, model: str, args) -> tuple[list[StreamResult], float]:
     import aiohttp
 
     workload = DocQA(args.seed, args.max_tokens, documents=args.documents, doc_chars=args.doc_chars, zipf=args.zipf)
@@ -169,7 +148,7 @@ async def run_stream(url: str, model: str, args) -> tuple[list[Sample], float]:
         for i in range(WARMUP_REQUESTS):
             await one_request(http, url, {**chat_body(warm.session(i), model, args), "max_tokens": 8})
         indices = iter(range(args.requests))
-        samples: list[Sample] = []
+        samples: list[StreamResult] = []
 
         async def user() -> None:
             for index in indices:
@@ -180,23 +159,16 @@ async def run_stream(url: str, model: str, args) -> tuple[list[Sample], float]:
         return samples, time.perf_counter() - t0
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
-def summarize(label: str, samples: list[Sample], wall_s: float, startup_s: float) -> dict:
+def summarize(label: str, samples: list[StreamResult], wall_s: float, startup_s: float) -> dict:
     ok = [s for s in samples if s.ok]
     ttft = [s.ttft_s for s in ok]
     itl = [g for s in ok for g in s.itl_s]
     cached = [s.cached_tokens for s in ok if s.cached_tokens is not None]
     errors = sorted({s.error for s in samples if not s.ok and s.error})
     return {"engine": label, "requests": len(samples), "failed": len(samples) - len(ok),
-            "req_s": len(ok) / wall_s, "output_tok_s": sum(s.completion_tokens for s in ok) / wall_s,
-            "ttft_p50_s": _pct(ttft, 50), "ttft_p90_s": _pct(ttft, 90), "ttft_p99_s": _pct(ttft, 99),
-            "itl_p50_s": _pct(itl, 50), "e2e_p50_s": _pct([s.e2e_s for s in ok], 50),
+            "req_s": len(ok) / wall_s, "output_tok_s": sum(s.completion_tokens or 0 for s in ok) / wall_s,
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90), "ttft_p99_s": percentile(ttft, 99),
+            "itl_p50_s": percentile(itl, 50), "e2e_p50_s": percentile([s.e2e_s for s in ok], 50),
             "mean_cached_tokens": statistics.fmean(cached) if cached else None,
             "startup_s": startup_s, "wall_s": wall_s, "errors": errors[:5]}
 

@@ -51,13 +51,58 @@ def _error_text(resp: requests.Response) -> str:
         return f"HTTP {resp.status_code}: {resp.text[:200]}"
 
 
+def sse_data(line: bytes) -> bytes | None:
+    """The payload of a server-sent `data:` line; None for blank separators and ": comment" keep-alives."""
+    return line[5:].strip() if line.startswith(b"data:") else None
+
+
+class StreamReader:
+    """Folds one stream's decoded events into a StreamResult, whatever client reads the bytes (this module's
+    `requests` one under Locust, bench/vs_vllm_served.py's aiohttp one): usage from the usage event, TTFT at
+    the first event carrying text, one ITL gap per later text event."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.result = StreamResult(ok=False, e2e_s=0.0)
+        self._last: float | None = None
+        self._pieces: list[str] = []
+
+    def feed(self, event: dict) -> bool:
+        """Take one event; False (the result's error set) when the stream reports an error instead."""
+        result = self.result
+        if "error" in event:
+            result.error = f"stream error: {event['error'].get('message', event['error'])}"
+            return False
+        usage = event.get("usage")
+        if usage:
+            result.prompt_tokens = usage.get("prompt_tokens")
+            result.completion_tokens = usage.get("completion_tokens")
+            result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        for choice in event.get("choices") or ():
+            piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+            if not piece:
+                continue
+            now = time.perf_counter()
+            if self._last is None:
+                result.ttft_s = now - self.start
+            else:
+                result.itl_s.append(now - self._last)
+            self._last = now
+            self._pieces.append(piece)
+        return True
+
+    def finish(self) -> StreamResult:
+        """End to end time and the whole text, once the stream is over (however it ended)."""
+        self.result.e2e_s = time.perf_counter() - self.start
+        self.result.text = "".join(self._pieces)
+        return self.result
+
+
 def stream_request(http: requests.Session, base_url: str, path: str, body: dict, session_id: str | None = None,
                    timeout_s: float = 600.0) -> StreamResult:
     """session_id, when given, is sent as the X-Session-ID header."""
-    start = time.perf_counter()
-    last = None
-    result = StreamResult(ok=False, e2e_s=0.0)
-    pieces: list[str] = []
+    reader = StreamReader()
+    result = reader.result
     try:
         with http.post(base_url + path, json=body, stream=True, timeout=timeout_s,
                        headers={"X-Session-ID": session_id} if session_id else None) as resp:
@@ -65,35 +110,16 @@ def stream_request(http: requests.Session, base_url: str, path: str, body: dict,
                 result.error = _error_text(resp)
                 return result
             for raw in resp.iter_lines():
-                if not raw.startswith(b"data:"):
-                    continue  # blank separators and ": comment" keep-alives
-                data = raw[5:].strip()
+                data = sse_data(raw)
+                if data is None:
+                    continue
                 if data == b"[DONE]":
                     break
-                event = json.loads(data)
-                if "error" in event:
-                    result.error = f"stream error: {event['error'].get('message', event['error'])}"
+                if not reader.feed(json.loads(data)):
                     return result
-                usage = event.get("usage")
-                if usage:
-                    result.prompt_tokens = usage.get("prompt_tokens")
-                    result.completion_tokens = usage.get("completion_tokens")
-                    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-                for choice in event.get("choices") or ():
-                    piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
-                    if not piece:
-                        continue
-                    now = time.perf_counter()
-                    if last is None:
-                        result.ttft_s = now - start
-                    else:
-                        result.itl_s.append(now - last)
-                    last = now
-                    pieces.append(piece)
         result.ok = True
     except (requests.RequestException, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
-        result.e2e_s = time.perf_counter() - start
-        result.text = "".join(pieces)
+        reader.finish()
     return result
