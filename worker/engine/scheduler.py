@@ -259,8 +259,7 @@ class Scheduler:
         return launched
 
     def _release_held_choices(self, first: Sequence) -> None:
-        """Choice 0 finished its prompt: cache it, then queue choices 1..n-1 to start from it."""
-        self.kv.cache_computed_prefix(first)
+        """Choice 0 finished its prompt (launch() has just cached it): queue choices 1..n-1 to start from it."""
         for held in first.held_choices:
             held.arrival_order = first.arrival_order
             self.add(held)

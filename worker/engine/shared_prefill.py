@@ -43,21 +43,27 @@ class PrefillsInFlight:
     plus those admitted so far in this step."""
 
     def __init__(self, running: list[Sequence]) -> None:
-        self._blocks: set[int] = set()
-        for seq in running:
-            if not seq.is_decoding:
-                self.add(seq)
+        self._running = running
+        self._blocks: set[int] | None = None  # built on first use: a step with nothing waiting never pays for it
+
+    def _in_flight(self) -> set[int]:
+        if self._blocks is None:
+            self._blocks = set()
+            for seq in self._running:
+                if not seq.is_decoding:
+                    self._blocks.update(prompt_block_hashes(seq))
+        return self._blocks
 
     def add(self, seq: Sequence) -> None:
-        self._blocks.update(prompt_block_hashes(seq))
+        self._in_flight().update(prompt_block_hashes(seq))
 
     def shared_tokens(self, seq: Sequence) -> int:
         """Length of the longest block-aligned prefix `seq`'s prompt shares with any prompt in flight."""
-        hashes = prompt_block_hashes(seq)
+        hashes, blocks = prompt_block_hashes(seq), self._in_flight()
         low, high = 0, len(hashes)  # the answer, in blocks, lies in [low, high]
         while low < high:
             middle = (low + high + 1) // 2
-            if hashes[middle - 1] in self._blocks:
+            if hashes[middle - 1] in blocks:
                 low = middle
             else:
                 high = middle - 1
@@ -66,8 +72,10 @@ class PrefillsInFlight:
     def would_duplicate(self, seq: Sequence, cached_length: Callable[[Sequence], int]) -> bool:
         """Admitting `seq` now would compute at least MIN_SHARED_TOKENS that a prefill in flight computes.
         `cached_length(seq)`: what the radix cache holds of it now (asked only when something is in flight)."""
-        if not self._blocks or seq.num_preemptions or seq.output_token_ids or seq.needs_prompt_logits:
+        if seq.num_preemptions or seq.output_token_ids or seq.needs_prompt_logits:
             # resumed sequences go first (they hold their place); prompt-logprob ones compute it all anyway
+            return False
+        if not self._in_flight():
             return False
         shared = self.shared_tokens(seq)
         return shared >= MIN_SHARED_TOKENS and shared - cached_length(seq) >= MIN_SHARED_TOKENS
