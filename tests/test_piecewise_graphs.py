@@ -91,9 +91,10 @@ def runner_on_cpu(model, caches) -> PiecewiseGraphRunner:
 
 
 def assert_same_kv(got, want):
+    """The same K/V in every page but the scratch page 0 (where padding rows write theirs)."""
     for (k, v), (k_ref, v_ref) in zip(got, want):
-        torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(k[PAGE_SIZE:], k_ref[PAGE_SIZE:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v[PAGE_SIZE:], v_ref[PAGE_SIZE:], atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- the split is exact
@@ -112,28 +113,32 @@ def test_pieces_on_a_padded_bucket_equal_the_whole_model(model, kind, name):
     assert got.shape == expected.shape == (len(batch.logits_indices), VOCAB)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # The same K/V at the same slots (up to float32 GEMM rounding at another row count), and nothing else
-    # written: padding rows never reach the cache.
+    # written outside the scratch page: padding rows never reach a request's cache.
     assert_same_kv(piece_caches, caches)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_padding_rows_never_reach_real_rows(model, kind):
-    """Stale ids and attention outputs in the rows past T (what earlier steps leave there) change nothing,
-    whatever bucket the step is padded to."""
+    """Stale ids, positions, KV slots and attention outputs in the rows past T (what earlier steps leave
+    there) change nothing, whatever bucket the step is padded to: no logit, and no K/V outside the scratch page."""
     net = model(kind)
     batch, caches = prepared_step(net, "mixed", seed=1)
-    expected = whole_model(net, batch, clone_caches(caches))
+    reference_caches = clone_caches(caches)
+    expected = whole_model(net, batch, reference_caches)
     runner = runner_on_cpu(net, caches)
     pieces = runner.pieces
     generator = torch.Generator().manual_seed(0)
     meta = AttentionMetadata.from_batch(batch)
-    tokens = batch.num_tokens
+    tokens, pad = batch.num_tokens, MAX_TOKENS - batch.num_tokens
     for bucket in (16, 32, MAX_TOKENS):
-        pieces.input_ids[tokens:] = torch.randint(0, VOCAB, (MAX_TOKENS - tokens,), generator=generator)
+        pieces.input_ids[tokens:] = torch.randint(0, VOCAB, (pad,), generator=generator)
+        pieces.positions[tokens:] = torch.randint(0, 40, (pad,), generator=generator)
+        pieces.out_slots[tokens:] = torch.randint(PAGE_SIZE, NUM_PAGES * PAGE_SIZE, (pad,), generator=generator)
         pieces.attn_out[tokens:] = 100 * torch.randn(pieces.attn_out[tokens:].shape, generator=generator)
         with torch.inference_mode():
             got = pieces.forward(batch, meta, bucket)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert_same_kv(caches, reference_caches)
 
 
 def test_future_tokens_are_resolved_into_the_static_ids(model):

@@ -11,11 +11,11 @@ so the CUDA executor can hand in its Triton ops without touching this file.
 
 Tensors flow flat: hidden states are [T, hidden] for all new tokens of the batch together.
 
-Each layer is three pieces (DecoderLayer.before_attention, Attention.attend, DecoderLayer.after_attention):
-everything but `attend` is token-wise (no row reads another), so a caller may run those pieces on more
-rows than the step has (worker.executor.piecewise_graphs replays them as CUDA graphs of fixed row counts)
-while `attend`, which reads the step's lengths, runs on the real rows. `forward` is those same pieces in
-order, so both paths compute the same thing.
+Each layer is a sequence of pieces: DecoderLayer.before_attention, Attention.rope_and_write_kv,
+Attention.paged_attention, DecoderLayer.after_attention. All but paged_attention are token-wise (no row
+reads another), so a caller may run them on more rows than the step has (worker.executor.piecewise_graphs
+replays them as CUDA graphs of fixed row counts) while paged_attention, which reads the step's lengths,
+runs on the real rows. `forward` is those same pieces in order, so both paths compute the same thing.
 """
 
 from __future__ import annotations
@@ -95,17 +95,36 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         kv_cache: KVCache,
         rope_cache: torch.Tensor,
-        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """RoPE, the new K/V into the cache, paged attention: the part that reads the step's lengths.
-        Returns [T, H, D], written into `out` when given (a CUDA graph's static buffer)."""
+        """RoPE, the new K/V into the cache, then paged attention: [T, H, D]."""
+        q = self.rope_and_write_kv(q, k, v, positions, meta.out_slots, kv_cache, rope_cache)
+        return self.paged_attention(q, kv_cache, meta)
+
+    def rope_and_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        out_slots: torch.Tensor,
+        kv_cache: KVCache,
+        rope_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rotate q and k, store k and v at `out_slots`; returns rotated q. Token-wise too (each row writes
+        only its own slot), so it may run on padded rows whose slots point into the scratch page."""
         k_cache, v_cache = kv_cache
         fused = getattr(self.ops, "rope_and_write_kv", None)
         if fused is not None:  # one launch instead of three (same results as the two ops below)
-            q = fused(q, k, v, positions, rope_cache, k_cache, v_cache, meta.out_slots)
-        else:
-            q, k = self.ops.apply_rope(q, k, positions, rope_cache)
-            self.ops.write_kv(k_cache, v_cache, k, v, meta.out_slots)
+            return fused(q, k, v, positions, rope_cache, k_cache, v_cache, out_slots)
+        q, k = self.ops.apply_rope(q, k, positions, rope_cache)
+        self.ops.write_kv(k_cache, v_cache, k, v, out_slots)
+        return q
+
+    def paged_attention(self, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of rotated q over the paged cache: the one part that reads the step's lengths.
+        Returns [T, H, D], written into `out` when given (a CUDA graph's static buffer)."""
+        k_cache, v_cache = kv_cache
         if out is None:
             return self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
         into = getattr(self.ops, "paged_attention_into", None)
