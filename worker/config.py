@@ -42,7 +42,11 @@ class EngineConfig:
     new_token_ratio_min: float = 0.1
     seed: int = 0
     cuda_graph_max_bs: int = 256
-    enable_cuda_graphs: bool = True
+    enable_cuda_graphs: bool = True  # False turns off the piecewise graphs too (vLLM's --enforce-eager)
+    # Prefill / extend / mixed steps of up to this many tokens (capped at max_num_batched_tokens) replay
+    # piecewise CUDA graphs: all but attention, per token-count bucket (worker.executor.piecewise_graphs).
+    # 0 disables them. Start-up captures (layers + 1) x ~12 graphs.
+    piecewise_cuda_graph_max_tokens: int = 2048
     # Overlap scheduling: prepare step N+1 on the host while the device runs step N (worker.engine.llm_engine).
     # auto: on with the CUDA executor (llama3-8b on an H200: +34% offline throughput), off on the CPU, where
     # nothing runs concurrently. True / False are accepted for on / off.
@@ -68,6 +72,11 @@ class EngineConfig:
             raise ConfigError(f"--page-size must be a power of two between 1 and 256, got {self.page_size}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 16:
             raise ConfigError(f"--max-num-batched-tokens must be at least 16, got {self.max_num_batched_tokens}")
+        if self.piecewise_cuda_graph_max_tokens < 0:
+            raise ConfigError(
+                "--piecewise-cuda-graph-max-tokens must be 0 (off) or a positive token count, "
+                f"got {self.piecewise_cuda_graph_max_tokens}"
+            )
         if self.max_running_requests < 1:
             raise ConfigError(f"--max-running-requests must be at least 1, got {self.max_running_requests}")
         if self.kv_cache_tokens < self.page_size * 2:

@@ -9,7 +9,9 @@ What it adds to the model code:
 - one attention backend (worker.executor.cuda_attention) that packs each step into pinned host buffers,
   moves it with one non_blocking copy per dtype and builds its attention metadata on the device (so the
   model never makes its own small synchronous copies), and holds the CUDA graphs' static inputs;
-- decode steps replayed from CUDA graphs (worker.executor.cuda_graphs), other steps eager;
+- decode steps replayed from CUDA graphs (worker.executor.cuda_graphs); prefill, extend and mixed steps up
+  to --piecewise-cuda-graph-max-tokens from piecewise graphs (worker.executor.piecewise_graphs: all but
+  attention in graphs of token-count buckets, attention eager between them); larger steps eager;
 - a short kernel warm-up at start (prefill, extend, mixed and decode shapes) so Triton compiles before
   the first request rather than in the middle of live traffic.
 
@@ -29,9 +31,12 @@ from tqdm.auto import tqdm
 from kernels.attention_metadata import AttentionMetadata
 from worker.config import ConfigError, EngineConfig
 from worker.engine.forward_batch import ForwardBatch
+from worker.engine.step_budget import with_step_token_budget
 from worker.executor.base import Executor, resolve_future_tokens
 from worker.executor.cuda_attention import CudaAttentionBackend
 from worker.executor.cuda_graphs import DecodeGraphRunner
+from worker.executor.piecewise_graphs import PiecewiseGraphRunner
+from worker.executor.scratch_steps import profile_step, warm_up_steps
 from worker.models.config import ModelConfig, parse_dtype
 from worker.models.loader import load_model
 
@@ -64,7 +69,8 @@ class CUDAExecutor(Executor):
         device: torch.device | str | None = None,
         ops: ModuleType | None = None,
     ):
-        self.config = config
+        # the engine fills in the step budget (max_num_batched_tokens) it leaves to the default; so do we
+        self.config = config = with_step_token_budget(config, Path(model_path))
         if device is None and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
         self._device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
@@ -80,6 +86,7 @@ class CUDAExecutor(Executor):
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.page_size: int | None = None
         self.graphs: DecodeGraphRunner | None = None
+        self.piecewise: PiecewiseGraphRunner | None = None
         self.attention = CudaAttentionBackend(self._device)
         self._kv_pool: torch.Tensor | None = None
         self.memory_report: dict[str, float] = {}
@@ -91,6 +98,10 @@ class CUDAExecutor(Executor):
     @property
     def uses_cuda_graphs(self) -> bool:
         return self.graphs is not None
+
+    @property
+    def uses_piecewise_graphs(self) -> bool:
+        return self.piecewise is not None
 
     # ------------------------------------------------------------------ memory
     def kv_bytes_per_token(self) -> int:
@@ -106,6 +117,12 @@ class CUDAExecutor(Executor):
             and self.ops.__name__.endswith("triton_ops")  # the reference ops read host lists
         )
 
+    def _piecewise_max_tokens(self) -> int:
+        """The largest step the piecewise graphs take (0: none), capped at the step token budget."""
+        if not (self.config.enable_cuda_graphs and self._device.type == "cuda"):
+            return 0
+        return max(0, min(self.config.piecewise_cuda_graph_max_tokens, self.config.max_num_batched_tokens))
+
     def _profile_peak_activation_bytes(self, page_size: int) -> int:
         """Run one prefill step of max_num_batched_tokens tokens against a one-page scratch cache and
         return the peak memory it allocated (activations, logits and the sampler's temporaries)."""
@@ -114,18 +131,7 @@ class CUDAExecutor(Executor):
         num_logits = min(tokens, self.config.max_running_requests)
         scratch = torch.zeros(page_size, cfg.num_key_value_heads, cfg.head_dim, dtype=self.dtype, device=self._device)
         caches = [(scratch, scratch)] * cfg.num_hidden_layers
-        positions = torch.arange(tokens, dtype=torch.int64)
-        batch = ForwardBatch(
-            input_ids=torch.zeros(tokens, dtype=torch.int64),
-            positions=positions,
-            out_slots=positions % page_size,  # every write lands in the scratch page
-            page_tables=torch.zeros(1, -(-tokens // page_size), dtype=torch.int32),
-            seq_lens=[tokens],
-            extend_lens=[tokens],
-            logits_indices=torch.arange(tokens - num_logits, tokens, dtype=torch.int64),
-            num_decodes=0,
-            page_size=page_size,
-        )
+        batch = profile_step(tokens, num_logits, page_size)
         torch.cuda.synchronize(self._device)
         torch.cuda.reset_peak_memory_stats(self._device)
         before = torch.cuda.memory_allocated(self._device)
@@ -139,14 +145,19 @@ class CUDAExecutor(Executor):
         return peak + sampler_bytes
 
     def _graph_reserve_bytes(self) -> int:
-        """Static logits and inputs of the largest graph, plus its activations (a decode step's are small)."""
-        if not self._graphs_wanted():
-            return 0
+        """Decode graphs: static logits and inputs of the largest, plus its (small) activations; piecewise
+        graphs: their pool and static buffers (PiecewiseGraphRunner.reserve_bytes)."""
         cfg = self.model_config
-        max_bs = self.config.cuda_graph_max_bs
-        logits = max_bs * cfg.vocab_size * 4
-        activations = max_bs * (cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size + 4 * cfg.hidden_size) * 4
-        return logits + activations + 128 * MiB
+        reserve = 0
+        if self._graphs_wanted():
+            max_bs = self.config.cuda_graph_max_bs
+            logits = max_bs * cfg.vocab_size * 4
+            activations = max_bs * (cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size + 4 * cfg.hidden_size) * 4
+            reserve += logits + activations + 128 * MiB
+        if self._piecewise_max_tokens() > 0:
+            element = torch.empty((), dtype=self.dtype).element_size()
+            reserve += PiecewiseGraphRunner.reserve_bytes(cfg, self._piecewise_max_tokens(), element)
+        return reserve
 
     def num_kv_pages(self, page_size: int) -> int:
         if page_size <= 0:
@@ -176,20 +187,20 @@ class CUDAExecutor(Executor):
                 f"no room for a KV cache: the GPU has {total / 1024**3:.1f} GiB, {in_use / 1024**3:.1f} GiB are in use "
                 f"(weights and other processes), activations need {activations / 1024**3:.2f} GiB and CUDA graphs "
                 f"{graphs / 1024**3:.2f} GiB at --mem-fraction {self.config.mem_fraction}; raise --mem-fraction, "
-                "lower --max-num-batched-tokens / --cuda-graph-max-bs, or free the GPU"
+                "lower --max-num-batched-tokens / --cuda-graph-max-bs / --piecewise-cuda-graph-max-tokens, or free the GPU"
             )
         return int(num_pages)
 
     def init_kv_cache(self, num_pages: int, page_size: int) -> None:
         """One zeroed [layers, 2, slots, kv_heads, head_dim] tensor; page 0 is the scratch page. Then, if
-        enabled, capture the decode CUDA graphs over it."""
+        enabled, capture the decode and the piecewise CUDA graphs over it."""
         if num_pages <= 0 or page_size <= 0:
             raise ValueError(f"num_pages and page_size must be positive, got {num_pages}, {page_size}")
         cfg = self.model_config
         slots = (num_pages + 1) * page_size
         self._kv_pool = None
         self.kv_caches = []
-        self.graphs = None
+        self.graphs = self.piecewise = None
         pool = torch.zeros(
             cfg.num_hidden_layers, 2, slots, cfg.num_key_value_heads, cfg.head_dim, dtype=self.dtype, device=self._device
         )
@@ -199,51 +210,18 @@ class CUDAExecutor(Executor):
         self._warm_up_kernels(page_size)
         if self._graphs_wanted():
             self._capture_graphs(page_size)
+        if self._piecewise_max_tokens() > 0:
+            self._capture_piecewise_graphs()
 
     # ------------------------------------------------------------------ warm-up
-    def _warm_up_shapes(self, page_size: int) -> list[ForwardBatch]:
-        """Representative eager steps: fresh prefills, extends over a cached prefix, decodes mixed with a
-        chunk (their metadata views start at unaligned offsets), and decode-only batches small enough for
-        the fused split merge and large enough for a single split. Every K/V write lands in the scratch
-        page 0 and every page table points at it, so no request's pages are touched."""
-        budget = min(self.config.max_num_batched_tokens, self.max_model_len - 1)
-        max_seqs = self.config.max_running_requests
-
-        def step(extends: list[int], prefixes: list[int], num_decodes: int) -> ForwardBatch:
-            seq_lens = [p + e for p, e in zip(prefixes, extends)]
-            positions = torch.cat([torch.arange(p, p + e, dtype=torch.int64) for p, e in zip(prefixes, extends)])
-            width = max(-(-s // page_size) for s in seq_lens)
-            return ForwardBatch(
-                input_ids=torch.zeros(len(positions), dtype=torch.int64),
-                positions=positions,
-                out_slots=positions % page_size,  # the scratch page
-                page_tables=torch.zeros(len(seq_lens), width, dtype=torch.int32),
-                seq_lens=seq_lens,
-                extend_lens=extends,
-                logits_indices=torch.tensor(extends, dtype=torch.int64).cumsum(0) - 1,
-                num_decodes=num_decodes,
-                page_size=page_size,
-            )
-
-        shapes = [step([n], [0], 0) for n in sorted({1, 7, min(64, budget), min(333, budget)})]
-        chunk = min(40, budget)
-        shapes.append(step([chunk], [max(0, min(100, budget - chunk))], 0))  # a chunk on a cached prefix
-        if budget < 40:  # a tiny context: the prefills above are all there is room for
-            return shapes
-        for decodes in (1, 3):  # decodes first, then a chunk: views of the metadata start mid-buffer
-            if decodes + 1 <= max_seqs:
-                shapes.append(step([1] * decodes + [20], [32] * decodes + [16], decodes))
-        for batch in sorted({1, min(max_seqs, 64)}):  # fused split merge / one split
-            shapes.append(step([1] * batch, [32] * batch, batch))
-        return shapes
-
     def _warm_up_kernels(self, page_size: int) -> None:
         """Compile the Triton kernel variants live traffic meets (prefill, extend, mixed, eager decode) now,
         with a progress line, instead of stalling the first request of each new shape. Integers that vary
         with the batch are not specialised on (kernels/), so these few shapes cover the rest."""
         if self._device.type != "cuda" or not self.ops.__name__.endswith("triton_ops"):
             return
-        shapes = self._warm_up_shapes(page_size)
+        budget = min(self.config.max_num_batched_tokens, self.max_model_len - 1)
+        shapes = warm_up_steps(budget, self.config.max_running_requests, page_size)
         start = time.perf_counter()
         with tqdm(total=len(shapes), desc="Compiling kernels", unit="step", disable=not self.config.progress) as bar:
             for batch in shapes:
@@ -267,6 +245,17 @@ class CUDAExecutor(Executor):
         self.memory_report["graph_memory_gib"] = (torch.cuda.memory_allocated(self._device) - before) / 1024**3
         self.graphs = runner
 
+    def _capture_piecewise_graphs(self) -> None:
+        runner = PiecewiseGraphRunner(
+            self.model, self.kv_caches, self.attention, self._piecewise_max_tokens(), self._device
+        )
+        torch.cuda.synchronize(self._device)
+        free_before, _ = torch.cuda.mem_get_info(self._device)
+        runner.capture(progress=self.config.progress)
+        free_after, _ = torch.cuda.mem_get_info(self._device)  # the pool is reserved, not allocated: count it so
+        self.memory_report["piecewise_graph_memory_gib"] = (free_before - free_after) / 1024**3
+        self.piecewise = runner
+
     # ------------------------------------------------------------------ running
     def _forward_on_device(self, batch: ForwardBatch, meta: AttentionMetadata) -> torch.Tensor:
         with torch.inference_mode():
@@ -279,16 +268,18 @@ class CUDAExecutor(Executor):
             raise ValueError(f"batch page_size {batch.page_size} != KV cache page_size {self.page_size}")
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch, future_tokens)
+        if self.piecewise is not None and self.piecewise.can_run(batch):
+            return self.piecewise.run(batch, future_tokens)
         return self.forward_eager(batch, future_tokens)
 
     def forward_eager(self, batch: ForwardBatch, future_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the step without CUDA graphs (mixed and prefill steps, and large decode batches)."""
+        """Run the step without CUDA graphs (steps larger than every graph)."""
         on_device, meta = self.attention.prepare(batch)
         if future_tokens is not None:
             on_device.input_ids.copy_(resolve_future_tokens(on_device.input_ids, future_tokens))
         return self._forward_on_device(on_device, meta)
 
     def shutdown(self) -> None:
-        self.graphs = None
+        self.graphs = self.piecewise = None
         self.kv_caches = []
         self._kv_pool = None

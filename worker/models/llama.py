@@ -10,6 +10,12 @@ Every non-matmul op goes through `self.ops`, a module with the function names an
 so the CUDA executor can hand in its Triton ops without touching this file.
 
 Tensors flow flat: hidden states are [T, hidden] for all new tokens of the batch together.
+
+Each layer is a sequence of pieces: DecoderLayer.before_attention, Attention.rope_and_write_kv,
+Attention.paged_attention, DecoderLayer.after_attention. All but paged_attention are token-wise (no row
+reads another), so a caller may run them on more rows than the step has (worker.executor.piecewise_graphs
+replays them as CUDA graphs of fixed row counts) while paged_attention, which reads the step's lengths,
+runs on the real rows. `forward` is those same pieces in order, so both paths compute the same thing.
 """
 
 from __future__ import annotations
@@ -68,14 +74,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_cache: KVCache,
-        rope_cache: torch.Tensor,
-    ) -> torch.Tensor:
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The token-wise half before attention: QKV projection (+ Qwen3's q/k norms); q [T, H, D], k, v [T, KH, D]."""
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -84,15 +84,58 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, _ = self.q_norm(q)
             k, _ = self.k_norm(k)
+        return q, k, v
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+        rope_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """RoPE, the new K/V into the cache, then paged attention: [T, H, D]."""
+        q = self.rope_and_write_kv(q, k, v, positions, meta.out_slots, kv_cache, rope_cache)
+        return self.paged_attention(q, kv_cache, meta)
+
+    def rope_and_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        out_slots: torch.Tensor,
+        kv_cache: KVCache,
+        rope_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rotate q and k, store k and v at `out_slots`; returns rotated q. Token-wise too (each row writes
+        only its own slot), so it may run on padded rows whose slots point into the scratch page."""
         k_cache, v_cache = kv_cache
         fused = getattr(self.ops, "rope_and_write_kv", None)
         if fused is not None:  # one launch instead of three (same results as the two ops below)
-            q = fused(q, k, v, positions, rope_cache, k_cache, v_cache, meta.out_slots)
-        else:
-            q, k = self.ops.apply_rope(q, k, positions, rope_cache)
-            self.ops.write_kv(k_cache, v_cache, k, v, meta.out_slots)
-        out = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+            return fused(q, k, v, positions, rope_cache, k_cache, v_cache, out_slots)
+        q, k = self.ops.apply_rope(q, k, positions, rope_cache)
+        self.ops.write_kv(k_cache, v_cache, k, v, out_slots)
+        return q
+
+    def paged_attention(self, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of rotated q over the paged cache: the one part that reads the step's lengths.
+        Returns [T, H, D], written into `out` when given (a CUDA graph's static buffer)."""
+        k_cache, v_cache = kv_cache
+        if out is None:
+            return self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
+        into = getattr(self.ops, "paged_attention_into", None)
+        if into is not None:
+            return into(out, q, k_cache, v_cache, meta, self.scale)
+        out.copy_(self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale))
+        return out
+
+    def project_out(self, attn: torch.Tensor) -> torch.Tensor:
+        """o_proj of the attention output [T, H, D] -> [T, hidden]."""
+        return self.o_proj(attn.reshape(attn.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
@@ -125,12 +168,27 @@ class DecoderLayer(nn.Module):
         rope_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output, residual stream before it); the next norm adds them."""
+        q, k, v, residual = self.before_attention(hidden, residual)
+        attn = self.self_attn.attend(q, k, v, positions, meta, kv_cache, rope_cache)
+        return self.after_attention(attn, residual)
+
+    # The layer in three pieces: the two token-wise ones (each row independent of the others, so they may
+    # run on a padded row count, e.g. in a CUDA graph of a token-count bucket) around attention.
+    def before_attention(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input norm (with the residual add) and the QKV projection: (q, k, v, residual)."""
         if residual is None:  # first layer: the residual stream is the embeddings themselves
             residual = hidden
             hidden, _ = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, positions, meta, kv_cache, rope_cache)
+        q, k, v = self.self_attn.project_qkv(hidden)
+        return q, k, v, residual
+
+    def after_attention(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """o_proj, post-attention norm (with the residual add) and the MLP: (MLP output, residual)."""
+        hidden = self.self_attn.project_out(attn)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -187,7 +245,12 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(hidden, residual, batch.positions, meta, kv_cache, self.rope_cache)
-        rows = batch.logits_indices
+        return self.compute_logits(hidden, residual, batch.logits_indices)
+
+    def compute_logits(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """Final norm (adding the last layer's residual) and LM head on `rows` only: float32 logits."""
         if residual is None:  # a model with no layers: nothing to add
             hidden, _ = self.norm(hidden[rows])
         else:

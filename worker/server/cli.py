@@ -45,7 +45,9 @@ _HELP = {
     "new_token_ratio_min": "the floor that ratio decays to while nothing is preempted",
     "seed": "base seed of sampling",
     "cuda_graph_max_bs": "largest decode batch captured as a CUDA graph",
-    "enable_cuda_graphs": "replay decode steps as CUDA graphs (cuda)",
+    "enable_cuda_graphs": "replay decode steps as CUDA graphs (cuda); off also turns off the piecewise graphs",
+    "piecewise_cuda_graph_max_tokens": "prefill / extend / mixed steps up to this many tokens run all but attention "
+                                       "as CUDA graphs of token-count buckets (cuda); 0: off",
     "progress": "progress bars while loading",
     "overlap_schedule": "prepare step N+1 on the CPU while the GPU runs step N; auto: on for cuda, off for cpu",
 }
