@@ -11,7 +11,7 @@ Who builds the metadata for a running engine is the executor's attention backend
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,6 +46,19 @@ def host_lengths(seq_lens: list[int], extend_lens: list[int]) -> HostLengths:
 
 
 @dataclass
+class SplitViews:
+    """AttentionMetadata's fields cut at num_decodes: decode rows first, then the extend (prefill) rows."""
+
+    decode_page_tables: torch.Tensor
+    decode_seq_lens: torch.Tensor
+    extend_page_tables: torch.Tensor
+    extend_seq_lens: torch.Tensor
+    extend_lens: torch.Tensor
+    extend_starts: torch.Tensor
+    max_extend_len: int
+
+
+@dataclass
 class AttentionMetadata:
     page_tables: torch.Tensor  # [B, max_pages] int32
     seq_lens: torch.Tensor  # [B] int32, context length after this step
@@ -59,6 +72,35 @@ class AttentionMetadata:
     max_seq_len: int
     seq_lens_list: list[int]
     extend_lens_list: list[int]
+    # Per-step views and scratch buffers that every layer would otherwise rebuild (see `split`, `scratch`):
+    # on a host-bound eager step each slice or allocation costs several microseconds, times the layers.
+    _split: "SplitViews | None" = field(default=None, init=False, repr=False, compare=False)
+    _scratch: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def split(self) -> "SplitViews":
+        """The decode rows' and the extend rows' views of the per-sequence tensors, made once per step."""
+        if self._split is None:
+            d = self.num_decodes
+            self._split = SplitViews(
+                decode_page_tables=self.page_tables[:d],
+                decode_seq_lens=self.seq_lens[:d],
+                extend_page_tables=self.page_tables[d:],
+                extend_seq_lens=self.seq_lens[d:],
+                extend_lens=self.extend_lens[d:],
+                extend_starts=self.extend_starts[d:],
+                max_extend_len=max(self.extend_lens_list[d:], default=0),
+            )
+        return self._split
+
+    def scratch(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised buffer of this shape shared by every layer of the step (e.g. the decode kernel's
+        split partials: each layer writes them and reads them back before the next layer's launch on the same
+        stream, so one buffer serves all layers)."""
+        key = (shape, dtype, device)
+        buffer = self._scratch.get(key)
+        if buffer is None:
+            buffer = self._scratch[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buffer
 
     @classmethod
     def from_lists(

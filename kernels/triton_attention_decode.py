@@ -221,11 +221,14 @@ def decode_attention(
     out: torch.Tensor,
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
+    scratch=None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context, written into `out`.
 
     q, out: [B, H, D] (row b is sequence b's token); k_cache, v_cache: [num_slots, KH, D];
     page_tables: [B, max_pages] int32; seq_lens: [B] int32 on the device (context incl. the new token).
+    `scratch(shape, dtype, device)` (AttentionMetadata.scratch) may supply the split partials' buffers, so the
+    layers of one step share them instead of allocating two tensors each.
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -244,8 +247,9 @@ def decode_attention(
     if single:
         part_out = part_lse = out  # unused placeholders
     else:
-        part_out = torch.empty((batch, num_heads, num_splits, block_d), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+        allocate = scratch or (lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device))
+        part_out = allocate((batch, num_heads, num_splits, block_d), torch.float32, q.device)
+        part_lse = allocate((batch, num_heads, num_splits), torch.float32, q.device)
     use_pdl = pdl_enabled(q.device)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,

@@ -88,29 +88,30 @@ def paged_attention_into(
         raise ValueError(f"paged_attention: out must be {tuple(q.shape)} {q.dtype} with a contiguous last axis")
     num_decodes = meta.num_decodes
     batch = meta.seq_lens.shape[0]
+    views = meta.split()  # made once per step, shared by every layer
     if num_decodes > 0:
         decode_attention(
             q[:num_decodes],
             k_cache,
             v_cache,
-            meta.page_tables[:num_decodes],
-            meta.seq_lens[:num_decodes],
+            views.decode_page_tables,
+            views.decode_seq_lens,
             meta.page_size,
             scale,
             out[:num_decodes],
+            scratch=meta.scratch,
         )
     if batch > num_decodes:
-        max_extend = max(meta.extend_lens_list[num_decodes:], default=0)
         extend_attention(
             q,
             k_cache,
             v_cache,
-            meta.page_tables[num_decodes:],
-            meta.seq_lens[num_decodes:],
-            meta.extend_lens[num_decodes:],
-            meta.extend_starts[num_decodes:],
+            views.extend_page_tables,
+            views.extend_seq_lens,
+            views.extend_lens,
+            views.extend_starts,
             meta.page_size,
-            max_extend,
+            views.max_extend_len,
             scale,
             out,
         )

@@ -8,6 +8,7 @@ On a machine with CUDA these tests are skipped unless TRITON_INTERPRET=1 is set 
 the interpreter on there would also turn every other test's Triton kernels into interpreted ones.
 """
 
+import copy
 import importlib
 import inspect
 import os
@@ -145,6 +146,30 @@ def test_mixed_decode_and_extend_batch(dtype):
     )
     out = run_poisoned(case)
     assert_close_everywhere(out, reference_attention(case), dtype)
+
+
+def test_one_metadata_serves_every_layer_of_a_step():
+    """The layers of a step share one AttentionMetadata, whose decode/extend views and split partials are
+    made once (meta.split(), meta.scratch): each layer's own q and caches must still give its own answer."""
+    torch.manual_seed(12)
+    seq_lens, extends = [40, 9, 12], [1, 9, 4]  # one decode: few enough programs that its context splits
+    base = make_case(seq_lens, extends, num_decodes=1, page_size=4, num_heads=4, num_kv_heads=2,
+                     head_dim=64, dtype=torch.float32)
+    meta = base.meta  # page tables, lengths and slots are the step's, the same for every layer
+
+    def another_layer(case):
+        """Same pages (poisoned slots stay NaN), new q and new cache contents."""
+        layer = copy.copy(case)
+        layer.q = torch.randn_like(case.q)
+        layer.k_cache = torch.where(case.k_cache.isnan(), case.k_cache, torch.randn_like(case.k_cache))
+        layer.v_cache = torch.where(case.v_cache.isnan(), case.v_cache, torch.randn_like(case.v_cache))
+        return layer
+
+    layers = [base, another_layer(base), another_layer(base)]
+    outs = [triton_ops.paged_attention(case.q, case.k_cache, case.v_cache, meta, case.scale) for case in layers]
+    assert meta._scratch, "the decode split partials were not taken from the step's shared scratch"
+    for case, out in zip(layers, outs):
+        assert_close_everywhere(out, reference_attention(case), torch.float32)
 
 
 def test_paged_attention_rejects_bad_head_counts():
