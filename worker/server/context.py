@@ -25,6 +25,7 @@ from worker.server.logprobs import TokenTexts
 from worker.server.metrics import WorkerMetrics
 from worker.server.protocol import GenerationExtras
 from worker.server.reasoning import ReasoningParser
+from worker.server.segment_cache import SegmentCachedEncoder
 from worker.server.structured import tool_call_constraint
 from worker.server.tool_parsers import ToolParser, make_tool_parser
 
@@ -45,6 +46,7 @@ class ServerContext:
         self.config = config
         self.client = client
         self.tokenizer = tokenizer
+        self._encoder: SegmentCachedEncoder | None = None  # built for the current tokenizer on first use
         self.token_texts = TokenTexts(tokenizer)
         self.max_model_len = max_model_len
         # n * max_tokens bound of one request; never below the context length, so n=1 is never refused
@@ -160,7 +162,12 @@ class ServerContext:
         return variants
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        """The tokenizer's ids of `text`; long segments seen before (a shared document, earlier turns) are
+        not tokenized again (worker.server.segment_cache: the ids are the same)."""
+        encoder = self._encoder
+        if encoder is None or encoder.tokenizer is not self.tokenizer:
+            encoder = self._encoder = SegmentCachedEncoder(self.tokenizer)
+        return encoder.encode(text, add_special_tokens)
 
     async def render_chat_off_loop(self, messages: list[dict], tools: list | None, add_generation_prompt: bool = True,
                                    template_kwargs: dict | None = None, chat_template: str | None = None,
