@@ -112,3 +112,29 @@ def test_a_tokenizer_without_a_backend_is_used_as_it_is():
     encoder = SegmentCachedEncoder(Plain())
     assert not encoder.enabled
     assert encoder.encode("x" * 5000, add_special_tokens=False) == [5000, 0]
+
+
+def test_async_encoding_sends_only_long_new_parts_to_the_offload_and_gets_the_same_ids(tokenizers_by_preset):
+    import asyncio
+
+    tokenizer = tokenizers_by_preset["tiny-qwen3"]
+    encoder = SegmentCachedEncoder(tokenizer, min_segment_chars=64)
+    offloaded: list[str] = []
+
+    async def offload(part: str) -> list[int]:
+        offloaded.append(part)
+        await asyncio.sleep(0)
+        return tokenizer.encode_long(part, False)
+
+    rng = random.Random(9)
+    doc = document(rng, 3000)
+    texts = [tokenizer.apply_chat_template([{"role": "system", "content": doc},
+                                            {"role": "user", "content": document(rng, n)}]) for n in (50, 2000, 80)]
+
+    async def main():
+        return [await encoder.encode_async(text, offload, offload_chars=1000) for text in texts]
+
+    assert asyncio.run(main()) == [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    # the document once (then cached), the 2000-character question; short parts were encoded inline
+    assert len(offloaded) == 2 and doc in offloaded[0] and len(offloaded[1]) < 2100
+    assert encoder.hits == 2

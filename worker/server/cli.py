@@ -209,7 +209,7 @@ def take_positional_model(args: argparse.Namespace, default_model: str) -> None:
 
 # The sim executor's only torch work is the sampler over a few hundred ids per row: a pool of threads
 # per tiny op costs more than it saves, and on a shared or loaded host its waits multiplied the engine
-# process's CPU time per served request by 3.6 (bench/reports/host_path_sim.md).
+# process's CPU time per served request by 3.7 (bench/reports/host_path_sim.md).
 SIM_CPU_THREADS = 1
 
 

@@ -25,7 +25,7 @@ from worker.server.logprobs import TokenTexts
 from worker.server.metrics import WorkerMetrics
 from worker.server.protocol import GenerationExtras
 from worker.server.reasoning import ReasoningParser
-from worker.server.segment_cache import SegmentCachedEncoder
+from worker.server.segment_cache import THREAD_SEGMENT_CHARS, SegmentCachedEncoder
 from worker.server.structured import tool_call_constraint
 from worker.server.tool_parsers import ToolParser, make_tool_parser
 
@@ -164,10 +164,12 @@ class ServerContext:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The tokenizer's ids of `text`; long segments seen before (a shared document, earlier turns) are
         not tokenized again (worker.server.segment_cache: the ids are the same)."""
-        encoder = self._encoder
-        if encoder is None or encoder.tokenizer is not self.tokenizer:
-            encoder = self._encoder = SegmentCachedEncoder(self.tokenizer)
-        return encoder.encode(text, add_special_tokens)
+        return self._segment_encoder().encode(text, add_special_tokens)
+
+    def _segment_encoder(self) -> SegmentCachedEncoder:
+        if self._encoder is None or self._encoder.tokenizer is not self.tokenizer:
+            self._encoder = SegmentCachedEncoder(self.tokenizer)
+        return self._encoder
 
     async def render_chat_off_loop(self, messages: list[dict], tools: list | None, add_generation_prompt: bool = True,
                                    template_kwargs: dict | None = None, chat_template: str | None = None,
@@ -179,7 +181,14 @@ class ServerContext:
 
     async def encode_off_loop(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """`encode`, in a thread when the text is long, through the tokenizer's GIL-releasing entry point
-        (without it the thread would hold the GIL, and the loop, for the whole tokenization)."""
+        (without it the thread would hold the GIL, and the loop, for the whole tokenization). With segment
+        caching (chat prompts): cached segments come from the cache, long new ones from a thread."""
+        encoder = self._segment_encoder()
+        encode_long = getattr(self.tokenizer, "encode_long", None)
+        if encode_long is not None and encoder.applies(text, add_special_tokens):
+            loop = asyncio.get_running_loop()
+            return await encoder.encode_async(
+                text, lambda part: loop.run_in_executor(None, encode_long, part, False), THREAD_SEGMENT_CHARS)
         if len(text) <= OFFLOAD_CHARS:
             return self.encode(text, add_special_tokens)
         encode_long = getattr(self.tokenizer, "encode_long", self.tokenizer.encode)

@@ -29,9 +29,14 @@ import json
 import re
 from array import array
 from collections import OrderedDict
+from typing import Awaitable, Callable, Iterator
 
 MIN_SEGMENT_CHARS = 512  # shorter parts are tokenized every time (a lookup would cost about as much)
 MAX_CACHED_TOKENS = 2_000_000  # ids kept, LRU; 4 bytes each, plus the segments' text as keys
+# A segment not cached yet that is at least this long is tokenized in a thread (the tokenizer's
+# GIL-releasing entry point): a 16k-character document costs milliseconds, and at a cold start many
+# requests bring new documents at once; a thread hop costs far less than that.
+THREAD_SEGMENT_CHARS = 4096
 
 # pre-tokenizers that process every piece of a text alike (no "first piece" rule)
 _PIECEWISE_PRE_TOKENIZERS = {"ByteLevel", "Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit",
@@ -92,25 +97,56 @@ class SegmentCachedEncoder:
     def enabled(self) -> bool:
         return self._pattern is not None
 
+    def applies(self, text: str, add_special_tokens: bool) -> bool:
+        """Whether `text` is cut into segments (else it is encoded whole, as the tokenizer does)."""
+        return not add_special_tokens and self._pattern is not None and len(text) >= 2 * self.min_segment_chars
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if add_special_tokens or self._pattern is None or len(text) < 2 * self.min_segment_chars:
+        if not self.applies(text, add_special_tokens):
             return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
         ids: list[int] = []
-        pending = 0  # text[pending:segment] is short segments not encoded yet: they go in one call
+        for part, cacheable in self._parts(text):
+            cached = self._lookup(part) if cacheable else None
+            if cached is None:
+                cached = self._plain(part)
+                if cacheable:
+                    self._remember(part, cached)
+            ids.extend(cached)
+        return ids
+
+    async def encode_async(self, text: str, offload: Callable[[str], Awaitable[list[int]]],
+                           offload_chars: int) -> list[int]:
+        """`encode(text, add_special_tokens=False)`, except that a part of at least `offload_chars` that
+        is not cached is tokenized by `offload(part)` (in a thread), so the event loop, and the streams
+        it serves, run meanwhile; the cache itself is only read and written here, on the loop. For texts
+        that `applies(text, False)` accepts."""
+        ids: list[int] = []
+        for part, cacheable in self._parts(text):
+            cached = self._lookup(part) if cacheable else None
+            if cached is None:
+                cached = list(await offload(part)) if len(part) >= offload_chars else self._plain(part)
+                if cacheable:
+                    self._remember(part, cached)
+            ids.extend(cached)
+        return ids
+
+    # ------------------------------------------------------------------ internals
+    def _parts(self, text: str) -> Iterator[tuple[str, bool]]:
+        """(part, cacheable) covering `text` in order: each long segment alone, the short ones between
+        two long ones joined (one tokenizer call)."""
+        pending = 0  # text[pending:segment] is short segments not yielded yet
         segment = 0  # where the current segment starts (the end of the previous boundary token)
         for cut in self._cuts(text):
             if cut - segment >= self.min_segment_chars:
                 if pending < segment:
-                    ids.extend(self._plain(text[pending:segment]))
-                ids.extend(self._segment_ids(text[segment:cut]))
+                    yield text[pending:segment], False
+                yield text[segment:cut], True
                 pending = cut
             segment = cut
         if pending < len(text):
-            ids.extend(self._plain(text[pending:]))
-        return ids
+            yield text[pending:], False
 
-    # ------------------------------------------------------------------ internals
-    def _cuts(self, text: str):
+    def _cuts(self, text: str) -> Iterator[int]:
         """Ends of the boundary tokens in `text`, then the end of the text (the last segment's end)."""
         for match in self._pattern.finditer(text):
             yield match.end()
@@ -119,18 +155,20 @@ class SegmentCachedEncoder:
     def _plain(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def _segment_ids(self, segment: str) -> list[int]:
+    def _lookup(self, segment: str) -> list[int] | None:
         cached = self._segments.get(segment)
-        if cached is not None:
-            self._segments.move_to_end(segment)
-            self.hits += 1
-            return cached.tolist()
-        ids = self._plain(segment)
+        if cached is None:
+            return None
+        self._segments.move_to_end(segment)
+        self.hits += 1
+        return cached.tolist()
+
+    def _remember(self, segment: str, ids: list[int]) -> None:
         self.misses += 1
-        if len(ids) <= self.max_cached_tokens:
-            self._segments[segment] = array("i", ids)
-            self._cached_tokens += len(ids)
-            while self._cached_tokens > self.max_cached_tokens:
-                _, evicted = self._segments.popitem(last=False)
-                self._cached_tokens -= len(evicted)
-        return ids
+        if len(ids) > self.max_cached_tokens or segment in self._segments:
+            return  # too big to keep; or a concurrent request tokenized it first
+        self._segments[segment] = array("i", ids)
+        self._cached_tokens += len(ids)
+        while self._cached_tokens > self.max_cached_tokens:
+            _, evicted = self._segments.popitem(last=False)
+            self._cached_tokens -= len(evicted)
