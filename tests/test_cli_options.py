@@ -78,6 +78,13 @@ def test_cpu_threads_auto_follows_omp_num_threads_else_every_core():
         resolve_cpu_threads("zero", {})
 
 
+def test_cpu_threads_auto_is_one_on_the_sim_executor_unless_set():
+    assert resolve_cpu_threads("auto", {}, executor="sim") == 1
+    assert resolve_cpu_threads("auto", {"OMP_NUM_THREADS": "3"}, executor="sim") == 3
+    assert resolve_cpu_threads("2", {}, executor="sim") == 2
+    assert resolve_cpu_threads("auto", {}, executor="cpu") == resolve_cpu_threads("auto", {})
+
+
 @pytest.mark.parametrize("argv, field, value", [
     (["--gpu-memory-utilization", "0.5"], "mem_fraction", 0.5),
     (["--mem-fraction-static", "0.6"], "mem_fraction", 0.6),

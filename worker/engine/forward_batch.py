@@ -17,6 +17,7 @@ Page 0 is a scratch page that is never handed to a request (padding writes may l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -109,10 +110,13 @@ def build_forward_batch(batch: ScheduledBatch, page_size: int) -> tuple[ForwardB
         positions.insert(0, np.asarray(one_positions, dtype=np.int64))
         slots.insert(0, np.asarray(one_slots, dtype=np.int64))
 
+    # One conversion of every row's pages, scattered through a mask of each row's first n columns (row-major
+    # order is the rows' concatenation): a numpy assignment per row cost ~1 ms a step at 64 rows of 3.6k tokens.
+    pages_per_row = [-(-n // page_size) for n in seq_lens]
     page_tables = np.zeros((len(batch.seqs), max(max_pages, 1)), dtype=np.int32)
-    for row, seq in enumerate(batch.seqs):
-        n = -(-seq_lens[row] // page_size)
-        page_tables[row, :n] = seq.pages[:n]
+    flat = np.fromiter(chain.from_iterable(seq.pages[:n] for seq, n in zip(batch.seqs, pages_per_row)),
+                       dtype=np.int32, count=sum(pages_per_row))
+    page_tables[np.arange(page_tables.shape[1]) < np.asarray(pages_per_row, dtype=np.int64)[:, None]] = flat
 
     forward_batch = ForwardBatch(
         input_ids=torch.tensor(input_ids, dtype=torch.int64),

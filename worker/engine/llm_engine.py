@@ -150,7 +150,9 @@ class LLMEngine:
         if n_prompt == 0:
             raise InvalidParameter("prompt", "the prompt is empty")
         vocab = self.model_config.vocab_size
-        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in req.prompt_token_ids):
+        ids = req.prompt_token_ids
+        # C-level passes (types, then min and max) instead of a Python loop over thousands of prompt ids
+        if not all(issubclass(kind, int) for kind in set(map(type, ids))) or min(ids) < 0 or max(ids) >= vocab:
             raise InvalidParameter("prompt", f"token ids must be integers in [0, {vocab})")
         limit = self.max_model_len
         if n_prompt >= limit:

@@ -118,7 +118,8 @@ def add_worker_options(parser: argparse.ArgumentParser, for_up: bool = False) ->
                                 "the demo model, else the rest of the context (as 'none')"),
         group.add_argument("--cpu-threads", default="auto", metavar="N|auto",
                            help="torch / OpenMP threads of this worker; auto: $OMP_NUM_THREADS when set, else "
-                                "every core this process may use (`radixfleet up` gives each worker its share)"),
+                                "1 with --executor sim, else every core this process may use (`radixfleet up` "
+                                "gives each worker its share)"),
     ]
     if not for_up:
         parser.add_argument("--api-key", default=os.environ.get("RADIXFLEET_API_KEY"),
@@ -208,14 +209,21 @@ def take_positional_model(args: argparse.Namespace, default_model: str) -> None:
     args.model = positional
 
 
-def resolve_cpu_threads(value: str, env: typing.Mapping[str, str] | None = None) -> int:
-    """Threads for torch's CPU pools: a number, or auto ($OMP_NUM_THREADS, else every usable core)."""
+# The sim executor's only torch work is the sampler over a few hundred ids per row: a pool of threads
+# per tiny op costs more than it saves, and on a shared or loaded host its waits multiplied the engine
+# process's CPU time per served request by 3.7 (bench/reports/host_path_sim.md).
+SIM_CPU_THREADS = 1
+
+
+def resolve_cpu_threads(value: str, env: typing.Mapping[str, str] | None = None, executor: str = "auto") -> int:
+    """Threads for torch's CPU pools: a number, or auto ($OMP_NUM_THREADS, else SIM_CPU_THREADS for the
+    sim executor, else every usable core)."""
     env = os.environ if env is None else env
     if value == "auto":
         preset = env.get("OMP_NUM_THREADS", "")
         if preset.isdigit() and int(preset) > 0:
             return int(preset)
-        return usable_cores()
+        return SIM_CPU_THREADS if executor == "sim" else usable_cores()
     if not value.isdigit() or int(value) < 1:
         raise UsageError(f"--cpu-threads must be a positive number or auto, got {value!r}")
     return int(value)
@@ -264,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         take_positional_model(args, EngineConfig.model)
-        apply_cpu_threads(resolve_cpu_threads(args.cpu_threads))
+        apply_cpu_threads(resolve_cpu_threads(args.cpu_threads, executor=args.executor))
         default_max_tokens = resolve_default_max_tokens(args.default_max_tokens, args.model)
         chat_template = read_chat_template(args.chat_template)
         if args.tokenizer is not None and not Path(args.tokenizer).expanduser().is_dir():

@@ -25,6 +25,7 @@ from worker.server.logprobs import TokenTexts
 from worker.server.metrics import WorkerMetrics
 from worker.server.protocol import GenerationExtras
 from worker.server.reasoning import ReasoningParser
+from worker.server.segment_cache import THREAD_SEGMENT_CHARS, SegmentCachedEncoder
 from worker.server.structured import tool_call_constraint
 from worker.server.tool_parsers import ToolParser, make_tool_parser
 
@@ -45,6 +46,7 @@ class ServerContext:
         self.config = config
         self.client = client
         self.tokenizer = tokenizer
+        self._encoder: SegmentCachedEncoder | None = None  # built for the current tokenizer on first use
         self.token_texts = TokenTexts(tokenizer)
         self.max_model_len = max_model_len
         # n * max_tokens bound of one request; never below the context length, so n=1 is never refused
@@ -160,7 +162,14 @@ class ServerContext:
         return variants
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        """The tokenizer's ids of `text`; long segments seen before (a shared document, earlier turns) are
+        not tokenized again (worker.server.segment_cache: the ids are the same)."""
+        return self._segment_encoder().encode(text, add_special_tokens)
+
+    def _segment_encoder(self) -> SegmentCachedEncoder:
+        if self._encoder is None or self._encoder.tokenizer is not self.tokenizer:
+            self._encoder = SegmentCachedEncoder(self.tokenizer)
+        return self._encoder
 
     async def render_chat_off_loop(self, messages: list[dict], tools: list | None, add_generation_prompt: bool = True,
                                    template_kwargs: dict | None = None, chat_template: str | None = None,
@@ -172,7 +181,14 @@ class ServerContext:
 
     async def encode_off_loop(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """`encode`, in a thread when the text is long, through the tokenizer's GIL-releasing entry point
-        (without it the thread would hold the GIL, and the loop, for the whole tokenization)."""
+        (without it the thread would hold the GIL, and the loop, for the whole tokenization). With segment
+        caching (chat prompts): cached segments come from the cache, long new ones from a thread."""
+        encoder = self._segment_encoder()
+        encode_long = getattr(self.tokenizer, "encode_long", None)
+        if encode_long is not None and encoder.applies(text, add_special_tokens):
+            loop = asyncio.get_running_loop()
+            return await encoder.encode_async(
+                text, lambda part: loop.run_in_executor(None, encode_long, part, False), THREAD_SEGMENT_CHARS)
         if len(text) <= OFFLOAD_CHARS:
             return self.encode(text, add_special_tokens)
         encode_long = getattr(self.tokenizer, "encode_long", self.tokenizer.encode)
