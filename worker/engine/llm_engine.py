@@ -11,8 +11,9 @@ then does the step read back the *previous* step's tokens, fill their placeholde
 outputs (scheduler.resolve). So the host schedules and prepares step N+1 while the device runs step N.
 Consequences handled in the scheduler: a sequence at a known limit (max_tokens, context length) is not
 scheduled again before its last token is known; an eos is seen one step late, so the sequence may run one
-extra decode whose token is dropped and whose slot is never cached. Rows with bad words or a grammar need
-their real tokens on the host, so such steps resolve the previous step first (no overlap for that step).
+extra decode whose token is dropped and whose slot is never cached. Rows with bad words or a grammar read
+their real tokens on the host: a step with such a row queues only its forward, resolves the previous step
+while that forward runs, then samples (worker.engine.launched_step), so it still overlaps.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from worker.cache.radix_cache import RadixCache
 from worker.config import ConfigError, EngineConfig
 from worker.engine.forward_batch import build_forward_batch, sampling_states
 from worker.engine.grammar import GrammarMasks
+from worker.engine.launched_step import LaunchedStep, sample_held_back, waits_for_previous_tokens
 from worker.engine.prompt_logprobs import (PendingPromptLogprobs, add_prompt_rows, check_prompt_logprobs,
                                            take_prompt_logprobs)
 from worker.engine.protocol import ContextLengthExceeded, EngineOutput, EngineRequest, EngineStats, QueueFullError
-from worker.engine.sampler import PendingSample, Sampler
+from worker.engine.sampler import Sampler
 from worker.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from worker.engine.sequence import Sequence
 from worker.engine.step_budget import with_step_token_budget
@@ -39,24 +41,6 @@ from worker.executor.registry import executor_class
 from worker.sampling_params import InvalidParameter
 
 log = logging.getLogger(__name__)
-
-
-class _LaunchedStep:
-    """A step whose forward and sampling are queued on the device, not yet read back.
-
-    `seqs[j]` is the sequence (None: aborted) of the j-th sampled token, `sample` the tokens on their way.
-    """
-
-    __slots__ = ("seqs", "sample", "needs_host_tokens", "prompt_logprobs")
-
-    def __init__(self, seqs: list[Sequence | None], sample: PendingSample | None,
-                 prompt_logprobs: PendingPromptLogprobs | None = None):
-        self.seqs = seqs
-        self.sample = sample
-        self.prompt_logprobs = prompt_logprobs  # of the prompt positions this step computed, if any asked
-        # bad words and grammars read the output tokens on the host: the next step cannot start
-        # before these are known
-        self.needs_host_tokens = any(s is not None and s.params.needs_output_tokens for s in seqs)
 
 
 def create_executor(config: EngineConfig, model_path: Path) -> Executor:
@@ -113,7 +97,7 @@ class LLMEngine:
         mode = self.config.overlap_schedule
         wanted = mode == "on" or (mode == "auto" and self.executor.overlap_by_default)
         self.overlap = wanted and self.executor.supports_future_tokens
-        self._in_flight: _LaunchedStep | None = None  # overlap: the step launched by the last step() call
+        self._in_flight: LaunchedStep | None = None  # overlap: the step launched by the last step() call
         self.num_finished = 0
         log.info(
             "engine ready: model=%s executor=%s kv=%d tokens (%d pages of %d) max_model_len=%d overlap=%s",
@@ -194,14 +178,13 @@ class LLMEngine:
         """
         outputs, self._pending_outputs = self._pending_outputs, []
         previous, self._in_flight = self._in_flight, None
-        if previous is not None and previous.needs_host_tokens:
-            outputs.extend(self._resolve(previous))
-            previous = None
         batch = self.scheduler.schedule()
         future_tokens = previous.sample.token_ids if previous is not None and previous.sample is not None else None
         launched = self._launch(batch, future_tokens) if len(batch) else None
         if previous is not None:
             outputs.extend(self._resolve(previous))
+        if launched is not None and launched.held is not None:
+            sample_held_back(self.sampler, launched)  # grammar / bad words rows now see previous's tokens
         if launched is not None:
             if self.overlap:
                 self._in_flight = launched
@@ -212,10 +195,11 @@ class LLMEngine:
             self._forget_if_done(seq.request_id)
         return outputs
 
-    def _launch(self, batch: ScheduledBatch, future_tokens) -> _LaunchedStep:
+    def _launch(self, batch: ScheduledBatch, future_tokens) -> LaunchedStep:
         """Queue forward + sampling of `batch` on the device and mark the step launched in the scheduler.
 
         `future_tokens`: the previous step's sampled-token tensor, which decodes of pending tokens read.
+        The sampling is held back when a row reads on the host a token still in flight (step() samples it).
         """
         forward_batch, rows = build_forward_batch(batch, self.cache.page_size)
         prompt_rows = add_prompt_rows(forward_batch, batch)  # their logits come after the sampling rows'
@@ -228,10 +212,13 @@ class LLMEngine:
         prompt = PendingPromptLogprobs(logits[len(rows):], prompt_rows) if prompt_rows else None
         logits = logits[: len(rows)]
         # states before launch(): the sampler must see the outputs without this step's placeholders
+        if rows and waits_for_previous_tokens(batch, rows):
+            held = (logits, sampling_states(batch, rows, self.eos_token_ids))
+            return LaunchedStep(self.scheduler.launch(batch, rows), None, prompt, held)
         sample = self.sampler.sample_async(logits, sampling_states(batch, rows, self.eos_token_ids)) if rows else None
-        return _LaunchedStep(self.scheduler.launch(batch, rows), sample, prompt)
+        return LaunchedStep(self.scheduler.launch(batch, rows), sample, prompt)
 
-    def _resolve(self, step: _LaunchedStep) -> list[EngineOutput]:
+    def _resolve(self, step: LaunchedStep) -> list[EngineOutput]:
         """Read back a launched step's tokens, apply them and its stop conditions; its outputs."""
         if step.prompt_logprobs is not None:
             step.prompt_logprobs.collect()  # before the outputs: the first token's carries them
