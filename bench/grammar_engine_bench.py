@@ -3,8 +3,8 @@
 bench/grammar_bench.py times the grammar library alone on a synthetic vocabulary; this one builds the
 offline engine (`worker.LLM`) on a real checkpoint and drives `engine.step()` itself, so the figure holds
 everything a constrained row costs end to end: feeding the matchers, filling the bitmasks, masking the
-logits, and the overlap scheduling the engine gives up for a step with grammar rows (their tokens must
-be known on the host before the next step, see worker/engine/grammar.py).
+logits, and the wait for the previous step's tokens before a step with grammar rows can sample (they must
+be known on the host to advance the matchers; see worker/engine/launched_step.py).
 
 Per batch size B and mode (`none`: no constraint; `json_schema`: every row constrained by SCHEMA, the
 same StructuredOutput a `response_format` json_schema request gets from worker/server/structured.py),

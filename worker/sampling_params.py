@@ -183,7 +183,8 @@ class SamplingParams:
 
     @property
     def needs_output_tokens(self) -> bool:
-        """True when sampling reads this sequence's output tokens on the host (no overlap for its steps).
+        """True when sampling reads this sequence's output tokens on the host (under overlap, a step with such
+        a row samples only after the previous step is read back: worker/engine/launched_step.py).
 
         Not penalties: the engine keeps their counts on the device (worker.engine.sampling_penalties)."""
         return bool(self.bad_words_token_ids) or self.structured_output is not None

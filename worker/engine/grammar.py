@@ -10,8 +10,9 @@ bounded LRU and, at each step, first feeds the matcher the output tokens it has 
 row's bitmask. A row is known by its sequence's output list (one per choice of one request, never
 replaced): requests may share one SamplingParams object, so the params cannot name a row. So the state advances with each accepted token on the engine side, where tokens are
 sampled; a preempted or recomputed sequence keeps its outputs and its matcher; an evicted matcher is
-rebuilt by replaying the outputs. The engine resolves the previous step before a step with grammar rows
-(`SamplingParams.needs_output_tokens`), so the outputs are real tokens here.
+rebuilt by replaying the outputs. Under overlap scheduling the engine samples a step with grammar rows
+(`SamplingParams.needs_output_tokens`) only after the previous step is read back, with this step's
+placeholders taken off for the call (worker/engine/launched_step.py), so the outputs are real tokens here.
 
 Compiled grammars are cached by (kind, spec). `check(structured)` compiles without a tokenizer: the HTTP
 frontend calls it to answer an invalid schema or regex with a 400 before the request reaches the engine.
