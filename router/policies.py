@@ -35,7 +35,7 @@ from typing import Sequence
 
 import xxhash
 
-from router.placement import DEFAULT_EVICT_WEIGHT, WarmUp, placement_costs
+from router.placement import DEFAULT_EVICT_WEIGHT, WarmUp, placement_costs, tokens
 from router.sessions import SessionTable
 from router.worker_pool import WorkerState
 
@@ -60,6 +60,9 @@ DEFAULT_BALANCE_REL = 1.5
 # 2-core box, 1.02-1.12 either way: the speed of the worker processes decides there
 # (bench/reports/placement_sim/README.md).
 DEFAULT_REQUEST_COST_TOKENS = 96
+# A prefix no tree holds any more goes back to the worker that evicted it (its home, the tree's ghosts)
+# unless the home's queue is worth more than this many times the tokens it held there (CacheAware._home).
+DEFAULT_HOME_WEIGHT = 1.0
 
 
 @dataclass(slots=True)
@@ -254,6 +257,7 @@ class CacheAware(Policy):
         sessions: SessionTable | None = None,
         evict_weight: float = DEFAULT_EVICT_WEIGHT,
         warm_up: WarmUp | None = None,
+        home_weight: float = DEFAULT_HOME_WEIGHT,
     ) -> None:
         if not 0.0 <= cache_threshold <= 1.0:
             raise ValueError(f"cache_threshold must be in [0, 1], got {cache_threshold}")
@@ -264,6 +268,9 @@ class CacheAware(Policy):
             raise ValueError("evict_weight must be >= 0")
         self.request_cost_tokens = request_cost_tokens
         self.evict_weight = evict_weight
+        if home_weight < 0:
+            raise ValueError("home_weight must be >= 0")
+        self.home_weight = home_weight
         self.warm_up = warm_up if warm_up is not None else WarmUp()
         self.watermarks = Watermarks(balance_abs, balance_rel)
         self.sessions = sessions
@@ -316,6 +323,28 @@ class CacheAware(Policy):
             return chosen
         return coldest, "warm", coldest.tree.match_chars(request.hashes)
 
+    def _home(self, workers, costs, hashes, text_chars) -> int | None:
+        """The worker a prefix no tree holds was evicted from, if it is still the cheapest place for it.
+
+        Sent back there, the prefix is prefilled again where it belongs, and the copy evicts that worker's
+        own least recently used entries; sent to the least loaded worker instead (the rule before), it
+        moves, and pushes one of that worker's documents out, which then misses and moves in turn: under
+        eviction pressure the fleet never settles on a partition of its documents (issue 11: in a model
+        of the doc-QA bench, 8% of requests were such moves). The home keeps it unless its queue costs
+        more than `home_weight` times the tokens it held there, the same trade as for a held prefix.
+        """
+        ghost = [w.tree.ghost_match_chunks(hashes) for w in workers]
+        best = max(ghost)
+        if not best:
+            return None
+        chunk_chars = workers[0].tree.chunk_chars
+        if best * chunk_chars < self.cache_threshold * text_chars:
+            return None
+        weight = self.home_weight
+        adjusted = [cost - weight * tokens(g * w.tree.chunk_chars, w) for cost, g, w in zip(costs, ghost, workers)]
+        i = min(range(len(workers)), key=lambda i: (adjusted[i], -ghost[i], workers[i].processed))
+        return i if ghost[i] else None
+
     def _choose_by_cache_and_load(self, workers, loads, min_load, request,
                                   imbalanced) -> tuple[WorkerState, str, int]:
         """(worker, reason, predicted match in characters) by the rules 2-4 of the module docstring."""
@@ -339,6 +368,9 @@ class CacheAware(Policy):
         costs = placement_costs(workers, loads, matches, request.text_chars, self.request_cost_tokens,
                                 self.evict_weight)
         if best_match / max(request.text_chars, 1) < self.cache_threshold:
+            home = self._home(workers, costs, hashes, request.text_chars) if self.home_weight else None
+            if home is not None:
+                return workers[home], "home", matches[home]
             # A miss: the least loaded, and among those the one where the copy evicts least.
             best_i = min(range(n), key=lambda i: (loads[i], costs[i], workers[i].processed, (i - rotation) % n))
             return workers[best_i], "cache_miss", matches[best_i]
