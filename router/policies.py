@@ -10,7 +10,10 @@ cache_aware, the default, in order:
 1. A session pin wins unless its worker is not routable or above the high watermark.
 2. Load imbalance (max - min in-flight > balance_abs AND max > balance_rel * min; entered at those
    thresholds and left only below half of them: hysteresis) -> least loaded (longest match breaks ties).
-3. Best predicted match ratio below cache_threshold -> a cache miss: least loaded, ties broken by the
+3. Best predicted match ratio below cache_threshold -> a cache miss. If a worker's tree evicted this
+   prefix lately (its ghosts), the prefix goes back there ("home") unless that worker's queue costs
+   more than the tokens it held: under eviction pressure each document keeps one home instead of
+   moving and evicting another worker's documents. Otherwise the least loaded, ties broken by the
    fewest requests ever sent, so misses never herd onto one worker.
 4. Otherwise the request goes to the worker where it costs least: the queue it joins, plus the
    prompt tokens it must prefill there, plus the cached tokens a new copy would evict there
@@ -23,7 +26,7 @@ cache_aware, the default, in order:
    the requests whose chosen worker is busier than the mean ("warm"; router/placement.py WarmUp).
 
 Reasons (the `reason` label of radixfleet_router_routing_decisions_total): session, imbalance,
-cache_miss, cache_hit (the longest match won), load_over_cache (a shorter match won on cost: a new
+cache_miss, home (a miss sent back to the worker that evicted the prefix), cache_hit (the longest match won), load_over_cache (a shorter match won on cost: a new
 copy of a hot prefix), warm, only_worker.
 """
 
@@ -330,7 +333,7 @@ class CacheAware(Policy):
         own least recently used entries; sent to the least loaded worker instead (the rule before), it
         moves, and pushes one of that worker's documents out, which then misses and moves in turn: under
         eviction pressure the fleet never settles on a partition of its documents (issue 11: in a model
-        of the doc-QA bench, 8% of requests were such moves). The home keeps it unless its queue costs
+        of the doc-QA bench, 7% of requests were such moves). The home keeps it unless its queue costs
         more than `home_weight` times the tokens it held there, the same trade as for a held prefix.
         """
         ghost = [w.tree.ghost_match_chunks(hashes) for w in workers]
