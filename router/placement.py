@@ -37,14 +37,9 @@ from typing import Sequence
 
 from router.worker_pool import WorkerState
 
-# What one token a new copy evicts costs, against one token of prefill now. 0 gives back the rule
-# without the eviction term. 1.0 would price the evicted prefix at one future prefill of itself; but a
-# copy of a popular prefix is not a one-off: its traffic keeps it in that cache for as long as both
-# copies get requests, so the documents it pushed out keep missing. In a virtual-time model of the doc-QA
-# bench (real sim engines and trees, 3 seeds) 1.0 left a second copy of some document for 12% of
-# requests; 2.0 gave +0.8 points of hit rate with the home rule (82.5% against 81.8%), 3.0 as much but
-# busiest/mean up to 1.41; multi-turn chat was unchanged (busiest/mean 1.054 against 1.058).
-DEFAULT_EVICT_WEIGHT = 2.0
+# What one token a new copy evicts costs, against one token of prefill now. 1.0: the evicted prefix
+# is worth one future prefill of itself. 0 gives back the rule without the eviction term.
+DEFAULT_EVICT_WEIGHT = 1.0
 # A newly joined worker is fed until it has had this fraction of its fair share since joining...
 WARM_SHARE = 0.75
 # ...for at most this many decisions per worker in the pool after it joined; later the ordinary rule

@@ -10,10 +10,7 @@ cache_aware, the default, in order:
 1. A session pin wins unless its worker is not routable or above the high watermark.
 2. Load imbalance (max - min in-flight > balance_abs AND max > balance_rel * min; entered at those
    thresholds and left only below half of them: hysteresis) -> least loaded (longest match breaks ties).
-3. Best predicted match ratio below cache_threshold -> a cache miss. If a worker's tree evicted this
-   prefix lately (its ghosts), the prefix goes back there ("home") unless that worker's queue costs
-   more than the tokens it held: under eviction pressure each document keeps one home instead of
-   moving and evicting another worker's documents. Otherwise the least loaded, ties broken by the
+3. Best predicted match ratio below cache_threshold -> a cache miss: least loaded, ties broken by the
    fewest requests ever sent, so misses never herd onto one worker.
 4. Otherwise the request goes to the worker where it costs least: the queue it joins, plus the
    prompt tokens it must prefill there, plus the cached tokens a new copy would evict there
@@ -26,7 +23,7 @@ cache_aware, the default, in order:
    the requests whose chosen worker is busier than the mean ("warm"; router/placement.py WarmUp).
 
 Reasons (the `reason` label of radixfleet_router_routing_decisions_total): session, imbalance,
-cache_miss, home (a miss sent back to the worker that evicted the prefix), cache_hit (the longest match won), load_over_cache (a shorter match won on cost: a new
+cache_miss, cache_hit (the longest match won), load_over_cache (a shorter match won on cost: a new
 copy of a hot prefix), warm, only_worker.
 """
 
@@ -38,7 +35,7 @@ from typing import Sequence
 
 import xxhash
 
-from router.placement import DEFAULT_EVICT_WEIGHT, WarmUp, placement_costs, tokens
+from router.placement import DEFAULT_EVICT_WEIGHT, WarmUp, placement_costs
 from router.sessions import SessionTable
 from router.worker_pool import WorkerState
 
@@ -63,9 +60,6 @@ DEFAULT_BALANCE_REL = 1.5
 # 2-core box, 1.02-1.12 either way: the speed of the worker processes decides there
 # (bench/reports/placement_sim/README.md).
 DEFAULT_REQUEST_COST_TOKENS = 96
-# A prefix no tree holds any more goes back to the worker that evicted it (its home, the tree's ghosts)
-# unless the home's queue is worth more than this many times the tokens it held there (CacheAware._home).
-DEFAULT_HOME_WEIGHT = 1.0
 
 
 @dataclass(slots=True)
@@ -260,7 +254,6 @@ class CacheAware(Policy):
         sessions: SessionTable | None = None,
         evict_weight: float = DEFAULT_EVICT_WEIGHT,
         warm_up: WarmUp | None = None,
-        home_weight: float = DEFAULT_HOME_WEIGHT,
     ) -> None:
         if not 0.0 <= cache_threshold <= 1.0:
             raise ValueError(f"cache_threshold must be in [0, 1], got {cache_threshold}")
@@ -271,9 +264,6 @@ class CacheAware(Policy):
             raise ValueError("evict_weight must be >= 0")
         self.request_cost_tokens = request_cost_tokens
         self.evict_weight = evict_weight
-        if home_weight < 0:
-            raise ValueError("home_weight must be >= 0")
-        self.home_weight = home_weight
         self.warm_up = warm_up if warm_up is not None else WarmUp()
         self.watermarks = Watermarks(balance_abs, balance_rel)
         self.sessions = sessions
@@ -326,28 +316,6 @@ class CacheAware(Policy):
             return chosen
         return coldest, "warm", coldest.tree.match_chars(request.hashes)
 
-    def _home(self, workers, costs, hashes, text_chars) -> int | None:
-        """The worker a prefix no tree holds was evicted from, if it is still the cheapest place for it.
-
-        Sent back there, the prefix is prefilled again where it belongs, and the copy evicts that worker's
-        own least recently used entries; sent to the least loaded worker instead (the rule before), it
-        moves, and pushes one of that worker's documents out, which then misses and moves in turn: under
-        eviction pressure the fleet never settles on a partition of its documents (issue 11: in a model
-        of the doc-QA bench, 7% of requests were such moves). The home keeps it unless its queue costs
-        more than `home_weight` times the tokens it held there, the same trade as for a held prefix.
-        """
-        ghost = [w.tree.ghost_match_chunks(hashes) for w in workers]
-        best = max(ghost)
-        if not best:
-            return None
-        chunk_chars = workers[0].tree.chunk_chars
-        if best * chunk_chars < self.cache_threshold * text_chars:
-            return None
-        weight = self.home_weight
-        adjusted = [cost - weight * tokens(g * w.tree.chunk_chars, w) for cost, g, w in zip(costs, ghost, workers)]
-        i = min(range(len(workers)), key=lambda i: (adjusted[i], -ghost[i], workers[i].processed))
-        return i if ghost[i] else None
-
     def _choose_by_cache_and_load(self, workers, loads, min_load, request,
                                   imbalanced) -> tuple[WorkerState, str, int]:
         """(worker, reason, predicted match in characters) by the rules 2-4 of the module docstring."""
@@ -371,9 +339,6 @@ class CacheAware(Policy):
         costs = placement_costs(workers, loads, matches, request.text_chars, self.request_cost_tokens,
                                 self.evict_weight)
         if best_match / max(request.text_chars, 1) < self.cache_threshold:
-            home = self._home(workers, costs, hashes, request.text_chars) if self.home_weight else None
-            if home is not None:
-                return workers[home], "home", matches[home]
             # A miss: the least loaded, and among those the one where the copy evicts least.
             best_i = min(range(n), key=lambda i: (loads[i], costs[i], workers[i].processed, (i - rotation) % n))
             return workers[best_i], "cache_miss", matches[best_i]

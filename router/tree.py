@@ -19,13 +19,6 @@ prefix. The tree is then a single flat `OrderedDict` of prefix names:
   unreferenced leaves LRU. No parent pointers or child counts are needed.
 
 A trailing partial chunk is ignored (prediction granularity is one chunk, like the worker's pages).
-
-Ghosts: the names this tree evicted, most recent last, up to as many as it holds (an OrderedDict again,
-written only when the tree evicts, read only for a request no tree holds). They say where a prefix
-lived before the cache pressure pushed it out: cache_aware sends such a prefix back there (its "home")
-rather than to any worker, so a document that falls out of a full cache costs one re-prefill on the
-worker whose own working set it belongs to, instead of moving and evicting another worker's documents
-(router/policies.py, the miss rule).
 """
 
 from __future__ import annotations
@@ -73,7 +66,7 @@ class PrefixTree:
     inserting beyond it evicts least-recently-used leaves.
     """
 
-    __slots__ = ("_nodes", "_ghosts", "chunk_chars", "tokens_per_chunk", "capacity_tokens", "evicted_chunks")
+    __slots__ = ("_nodes", "chunk_chars", "tokens_per_chunk", "capacity_tokens", "evicted_chunks")
 
     def __init__(
         self,
@@ -86,7 +79,6 @@ class PrefixTree:
         if chunk_chars <= 0 or chars_per_token <= 0:
             raise ValueError("chunk_chars and chars_per_token must be positive")
         self._nodes: OrderedDict[int, None] = OrderedDict()
-        self._ghosts: OrderedDict[int, None] = OrderedDict()  # evicted names (see the module docstring)
         self.chunk_chars = chunk_chars
         self.tokens_per_chunk = chunk_chars / chars_per_token
         self.capacity_tokens = capacity_tokens
@@ -134,20 +126,6 @@ class PrefixTree:
     def match_chars(self, hashes: Sequence[int]) -> int:
         return self.match_chunks(hashes) * self.chunk_chars
 
-    def ghost_match_chunks(self, hashes: Sequence[int]) -> int:
-        """Length, in chunks, of the longest prefix of `hashes` held or recently evicted here.
-
-        Linear (held and evicted names together need not be prefix-closed); called only for a request
-        that no tree holds, so its cost stays off the common path.
-        """
-        nodes, ghosts = self._nodes, self._ghosts
-        n = 0
-        for h in hashes:
-            if h not in ghosts and h not in nodes:
-                break
-            n += 1
-        return n
-
     # --- updates -------------------------------------------------------------------------------
     def insert(self, hashes: Sequence[int]) -> None:
         """Record that the worker now caches this prefix path (marks it most recently used)."""
@@ -194,7 +172,6 @@ class PrefixTree:
     def clear(self) -> None:
         """Forget everything (the worker restarted or its cache was flushed)."""
         self._nodes.clear()
-        self._ghosts.clear()
 
     def _evict_to(self, max_chunks: int) -> None:
         nodes = self._nodes
@@ -202,14 +179,8 @@ class PrefixTree:
         if excess <= 0:
             return
         pop = nodes.popitem
-        ghosts = self._ghosts
         for _ in range(excess):
-            ghosts[pop(last=False)[0]] = None  # oldest entry: always a leaf (see module docstring)
-        excess_ghosts = len(ghosts) - max(max_chunks, 1)
-        if excess_ghosts > 0:
-            pop_ghost = ghosts.popitem
-            for _ in range(excess_ghosts):
-                pop_ghost(last=False)
+            pop(last=False)  # oldest entry: always a leaf (see module docstring)
         self.evicted_chunks += excess
 
     # --- introspection for tests ---------------------------------------------------------------

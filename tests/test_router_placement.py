@@ -31,14 +31,6 @@ def fill(worker, tag: str) -> None:
         i += 1
 
 
-def push_out(worker, text: str) -> None:
-    """Insert new prompts until the worker's tree has evicted `text` (its least recent entry)."""
-    i = 0
-    while worker.tree.match_chars(chunk_hashes(text)):
-        worker.tree.insert(chunk_hashes(f"newer {i} " * 40))
-        i += 1
-
-
 def send(policy, pool, text: str, finish: bool = True):
     r = route(text)
     d = policy.choose(pool.routable(0.0), r)
@@ -155,38 +147,3 @@ def test_warm_up_does_not_move_requests_off_an_idle_worker():
 def test_negative_evict_weight_is_refused():
     with pytest.raises(ValueError, match="evict_weight"):
         CacheAware(evict_weight=-1)
-
-
-def test_a_document_pushed_out_of_every_cache_goes_back_to_the_worker_that_held_it():
-    pool = make_pool(3, kv_tokens=4096)
-    a, b, c = list(pool)
-    a.tree.insert(chunk_hashes(DOC))
-    for w in (a, b, c):
-        fill(w, w.worker_id)
-    push_out(a, DOC)
-    r = route(DOC + " Margins?")
-    assert all(w.tree.match_chars(r.hashes) == 0 for w in pool), "no tree holds it any more"
-    a.on_dispatch(0)  # a is one request busier than the others
-    d = CacheAware().choose(pool.routable(0.0), r)
-    assert d.worker is a and d.reason == "home"
-    # The rule before: the least loaded, which moves the document and evicts one of that worker's own.
-    d = CacheAware(home_weight=0).choose(pool.routable(0.0), r)
-    assert d.worker is not a and d.reason == "cache_miss"
-
-
-def test_a_busy_home_gives_its_evicted_document_away():
-    pool = make_pool(2, kv_tokens=4096)
-    a, b = list(pool)
-    a.tree.insert(chunk_hashes(DOC))
-    fill(a, "a")
-    fill(b, "b")
-    push_out(a, DOC)
-    for _ in range(12):  # far busier than the prefill the home would save
-        a.on_dispatch(0)
-    d = CacheAware().choose(pool.routable(0.0), route(DOC + " Outlook?"))
-    assert d.worker is b and d.reason == "cache_miss"
-
-
-def test_negative_home_weight_is_refused():
-    with pytest.raises(ValueError, match="home_weight"):
-        CacheAware(home_weight=-1)

@@ -152,20 +152,3 @@ def test_recently_used_prompt_survives_eviction_pressure(prompts):
     t.insert(hashes("zzzz" * 2))  # pressure from an unrelated prompt
     fits = capacity - 2
     assert t.match_chunks(keep) >= min(len(keep), fits)
-
-
-def test_evicted_prefixes_are_remembered_as_ghosts_up_to_the_trees_size():
-    t = tree(4)
-    t.insert(hashes("aaaabbbb"))
-    t.insert(hashes("ccccdddd"))
-    t.insert(hashes("eeeeffff"))  # evicts aaaa/bbbb: the oldest branch
-    assert t.match_chunks(hashes("aaaabbbb")) == 0
-    assert t.ghost_match_chunks(hashes("aaaabbbbzzzz")) == 2, "the evicted branch is remembered"
-    assert t.ghost_match_chunks(hashes("eeeeffff")) == 2, "held names count too"
-    assert t.ghost_match_chunks(hashes("zzzz")) == 0
-    for i in range(10):  # many more evictions: only the latest ones are remembered, no more than it holds
-        t.insert(hashes(f"{i:04d}xxxx"))
-    assert t.ghost_match_chunks(hashes("aaaabbbb")) == 0
-    assert len(t._ghosts) <= t.max_chunks
-    t.clear()
-    assert t.ghost_match_chunks(hashes("0009xxxx")) == 0, "a restarted worker holds nothing, not even ghosts"
