@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import jsonschema
 import pytest
 
-from worker.config import EngineConfig
+from tests.test_overlap import make_engine as make_overlap_engine
 from worker.engine.llm_engine import LLMEngine
 from worker.engine.protocol import EngineRequest
 from worker.sampling_params import SamplingParams, StructuredOutput
@@ -30,12 +30,8 @@ def schema(value: dict) -> StructuredOutput:
 
 
 def make_engine(overlap: bool, **overrides) -> LLMEngine:
-    options = dict(model="demo", device="cpu", page_size=4, kv_cache_tokens=4096, progress=False,
-                   overlap_schedule=overlap)
-    options.update(overrides)
-    engine = LLMEngine(EngineConfig(**options))
-    assert engine.overlap is overlap
-    return engine
+    """test_overlap's engine (CPU, page size 4, overlap forced on or off) on the demo model."""
+    return make_overlap_engine("demo", overlap, **{"kv_cache_tokens": 4096, **overrides})
 
 
 @dataclass
