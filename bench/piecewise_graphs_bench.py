@@ -8,37 +8,21 @@ rows over `--context` cached tokens each plus one chunk of T - decodes new token
 the same length, the way the scheduler mixes them. `forward` (piecewise graph replay) is timed against
 `forward_eager` on the very same batch (see `time_steps` for the three figures: GPU time, host time to
 issue a step, and back-to-back wall time per step).
---model: a checkpoint folder or a built-in preset (written with random weights on the GPU, in a
-temporary folder, unless RADIXFLEET_CHECKPOINT_DIR holds <preset>/).
+--model: a checkpoint folder or a built-in preset (written once with random weights on the GPU under
+--checkpoint-dir, as the other engine benchmarks do: bench.engine_bench.resolve_checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 PAGE_SIZE = 16
-
-
-def model_folder(name: str, scratch: Path) -> Path:
-    from worker.models.checkpoint_writer import write_checkpoint
-    from worker.models.presets import is_preset
-
-    if Path(name).is_dir():
-        return Path(name)
-    if not is_preset(name):
-        raise SystemExit(f"--model {name!r} is neither a checkpoint folder nor a built-in preset")
-    shared = os.environ.get("RADIXFLEET_CHECKPOINT_DIR")
-    if shared and (Path(shared) / name / "config.json").is_file():
-        return Path(shared) / name
-    return write_checkpoint(name, scratch / name, seed=0, device="cuda", progress=True)
 
 
 def mixed_step(tokens: int, decodes: int, context: int):
@@ -103,7 +87,8 @@ def time_steps(forward, batch, iters: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="qwen3-0.6b")
+    parser.add_argument("--model", default="qwen3-0.6b", help="a checkpoint folder or a built-in preset")
+    parser.add_argument("--checkpoint-dir", default=None, help="where preset checkpoints are written")
     parser.add_argument("--tokens", default="64,256,512,1024,2048", help="comma-separated step sizes T")
     parser.add_argument("--decodes", type=int, default=32, help="decode rows in each step")
     parser.add_argument("--context", type=int, default=1024, help="cached tokens of each row")
@@ -115,28 +100,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sizes = sorted({int(t) for t in args.tokens.split(",")})
 
+    from bench.engine_bench import resolve_checkpoint
     from worker.config import EngineConfig
     from worker.executor.cuda import CUDAExecutor
 
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = model_folder(args.model, Path(scratch))
-        config = EngineConfig(model=str(folder), device="cuda", progress=True, max_num_batched_tokens=max(sizes),
-                              piecewise_cuda_graph_max_tokens=max(sizes), cuda_graph_max_bs=8)
-        started = time.perf_counter()
-        executor = CUDAExecutor(folder, config)
-        steps = [mixed_step(tokens, args.decodes, args.context) for tokens in sizes]  # all from page 1
-        executor.init_kv_cache(max(pages for _, pages in steps), PAGE_SIZE)
-        startup_s = time.perf_counter() - started
-        runner = executor.piecewise
-        rows = []
-        for tokens, (batch, _) in zip(sizes, steps):
-            assert runner.can_run(batch)
-            eager = time_steps(executor.forward_eager, batch, args.iters)
-            graphs = time_steps(executor.forward, batch, args.iters)
-            rows.append({"tokens": tokens, "bucket": next(b for b in runner.buckets if b >= tokens),
-                         "decodes": batch.num_decodes, **{f"eager_{k}_ms": v for k, v in eager.items()},
-                         **{f"piecewise_{k}_ms": v for k, v in graphs.items()},
-                         "speedup": eager["wall"] / graphs["wall"]})
+    folder = resolve_checkpoint(args.model, args.checkpoint_dir)
+    config = EngineConfig(model=str(folder), device="cuda", progress=True, max_num_batched_tokens=max(sizes),
+                          piecewise_cuda_graph_max_tokens=max(sizes), cuda_graph_max_bs=8)
+    started = time.perf_counter()
+    executor = CUDAExecutor(folder, config)
+    steps = [mixed_step(tokens, args.decodes, args.context) for tokens in sizes]  # all from page 1
+    executor.init_kv_cache(max(pages for _, pages in steps), PAGE_SIZE)
+    startup_s = time.perf_counter() - started
+    runner = executor.piecewise
+    rows = []
+    for tokens, (batch, _) in zip(sizes, steps):
+        assert runner.can_run(batch)
+        eager = time_steps(executor.forward_eager, batch, args.iters)
+        graphs = time_steps(executor.forward, batch, args.iters)
+        rows.append({"tokens": tokens, "bucket": next(b for b in runner.buckets if b >= tokens),
+                     "decodes": batch.num_decodes, **{f"eager_{k}_ms": v for k, v in eager.items()},
+                     **{f"piecewise_{k}_ms": v for k, v in graphs.items()},
+                     "speedup": eager["wall"] / graphs["wall"]})
     gpu = torch.cuda.get_device_name()
     cfg = executor.model_config
     print(f"piecewise CUDA graphs vs eager: {args.model} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), "
