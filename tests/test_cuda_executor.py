@@ -240,6 +240,32 @@ def test_graph_replay_equals_eager(small_executor, batch_size):
     assert torch.equal(again, replayed)
 
 
+def test_graph_replay_writes_only_memory_the_graphs_own(small_executor):
+    """A decode graph of a small batch writes split partials (several KV splits per head); those buffers
+    must belong to the graphs' pool. Tensors allocated after capture, of exactly the partials' sizes, stay
+    untouched by replays (a graph captured over the warm-up's buffers once wrote into freed memory that
+    the allocator had handed on: a crash late in an 8B offline run)."""
+    from kernels.triton_attention_decode import choose_num_splits
+
+    executor = small_executor
+    cfg = executor.model_config
+    batch_size = 8
+    splits = choose_num_splits(batch_size, cfg.num_key_value_heads, torch.device("cuda"))
+    assert splits > 1, "the test needs a graph whose decode kernel splits the context"
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    head_dim = 1 << (cfg.head_dim - 1).bit_length()  # the kernel pads D to a power of two
+    sizes = [(batch_size, cfg.num_attention_heads, splits, head_dim), (batch_size, cfg.num_attention_heads, splits)]
+    sentinels = [torch.full(shape, 7.0, device="cuda") for shape in sizes for _ in range(64)]
+    seqs = prefilled_sequences(executor, [600 + 37 * i for i in range(batch_size)], seed=11)
+    batch = build_batch([(s, 1) for s in seqs], PAGE_SIZE)
+    assert executor.graphs.can_run(batch)
+    for _ in range(3):
+        executor.forward(batch)
+    torch.cuda.synchronize()
+    assert all(bool((t == 7.0).all()) for t in sentinels)
+
+
 def test_mixed_batch_equals_separate_steps(small_executor):
     """Decodes and prefill chunks (fresh, and over a cached prefix) in one eager step give the logits
     each sequence gets when run alone."""

@@ -15,6 +15,7 @@ import jsonschema
 import pytest
 
 from tests.test_overlap import make_engine as make_overlap_engine
+from worker.config import EngineConfig
 from worker.engine.llm_engine import LLMEngine
 from worker.engine.protocol import EngineRequest
 from worker.sampling_params import SamplingParams, StructuredOutput
@@ -218,3 +219,35 @@ def test_prompt_logprobs_in_a_held_back_step():
     assert_same_run(sync, overlap)
     logprobs = overlap.prompt_logprobs[("p0", 0)]
     assert logprobs[0] is None and len(logprobs) == len(make_engine(True).tokenizer.encode(asking[1]))
+
+
+# ---------------------------------------------------------------------- the CUDA executor (run with -m gpu)
+@pytest.mark.gpu
+def test_cuda_engine_constrained_rows_overlap_with_the_synchronous_tokens(tmp_path_factory):
+    """On the GPU (CUDA graphs reading pending tokens on the device, masks uploaded per step) held-back
+    sampling gives the synchronous engine's tokens, and completed JSON validates."""
+    from tests.test_cuda_executor import checkpoint_folder
+
+    folder = checkpoint_folder("qwen3-0.6b", tmp_path_factory)
+    engine = LLMEngine(EngineConfig(model=str(folder), device="cuda", progress=False, mem_fraction=0.4,
+                                    cuda_graph_max_bs=16, page_size=16, enable_prefix_cache=False,
+                                    overlap_schedule=True))
+    assert engine.executor.uses_cuda_graphs and engine.overlap
+    requests = [
+        ("colours", "colours", greedy(structured_output=schema(COLOURS), n=2)),
+        ("object", "an object", greedy(max_tokens=80, structured_output=schema(OBJECT))),
+        ("regex", "a code", greedy(max_tokens=12, structured_output=StructuredOutput("regex", r"[a-f]{3}-\d{2,4}"))),
+        ("free", "hello there", greedy(max_tokens=20, ignore_eos=True)),
+        ("seeded", "a story", SamplingParams(temperature=1.0, seed=3, max_tokens=20, ignore_eos=True)),
+    ]
+    engine.overlap = False
+    sync = run(engine, requests)
+    engine.overlap = True
+    overlap = run(engine, requests)
+    engine.shutdown()
+    assert_same_run(sync, overlap)
+    assert_sampler_saw_real_tokens(sync, overlap)
+    assert overlap.forwards_with_future_tokens > 0
+    for key, value in [(("object", 0), OBJECT), (("colours", 0), COLOURS), (("colours", 1), COLOURS)]:
+        if overlap.finish[key] == "stop":
+            jsonschema.validate(json.loads(engine.tokenizer.decode(overlap.tokens[key], skip_special_tokens=True)), value)

@@ -89,6 +89,10 @@ class DecodeGraphRunner:
                         (self.max_batch_size, warm.shape[1]), dtype=warm.dtype, device=self.device
                     )
                 del warm
+                # Fresh metadata for the capture: the warm-up's holds buffers it made outside any graph pool
+                # (its split partials, AttentionMetadata.scratch). A graph captured over them would keep
+                # writing into memory the allocator hands to other tensors once they are freed.
+                batch, meta = self.attention.prepare_for_capture(bs)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self._logits[:bs].copy_(self.forward(batch, meta))
