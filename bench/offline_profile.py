@@ -9,7 +9,9 @@ batch size) to show which of them the run's seconds were spent in. Inside each `
 steps a torch.profiler trace adds the GPU's side: kernel time per step against wall time per step (the
 GPU's busy share; below ~90% the step is host-bound) and the kernels that take the most.
 
-Prints tables, writes offline_profile_<model>.json. Needs a CUDA GPU.
+Prints tables, writes offline_profile_<model>.json and .png (each step's wall time against its index,
+coloured by kind, beside the seconds per kind). Needs a CUDA GPU; `--plot-only FILE.json` redraws the
+PNG of a saved run anywhere.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench.plotting import print_table, write_json
+from bench.plotting import print_table, write_report
 
 
 def _windows(text: str) -> list[tuple[int, int]]:
@@ -47,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=12, help="kernels listed per window")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results")
+    parser.add_argument("--plot-only", default=None, metavar="FILE.json", help="redraw the PNG of a saved run and exit")
 
 
 def _engine_overrides(pairs: list[str]) -> dict:
@@ -89,7 +92,47 @@ def kernel_summary(prof, steps: int, top: int) -> tuple[float, list[dict]]:
     return busy / steps, rows
 
 
+def plot_steps(report: dict, path: Path) -> None:
+    """Step wall time against step index, one colour per kind; seconds per kind as bars beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = report["steps"]
+    kinds = [k["kind"] for k in report["steps_by_kind"]]
+    fig, (timeline, bars) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
+    for kind in kinds:
+        points = [(i, 1000 * s["wall_s"]) for i, s in enumerate(steps)
+                  if "wall_s" in s and step_kind(s["decodes"], s["prefill_tokens"]) == kind]
+        if points:
+            timeline.scatter(*zip(*points), s=4, label=kind)
+    timeline.set_yscale("log")
+    timeline.set_xlabel("step")
+    timeline.set_ylabel("wall ms per step (log)")
+    timeline.legend(fontsize=7, markerscale=3)
+    seconds = [k["seconds"] for k in report["steps_by_kind"]]
+    bars.barh(kinds, seconds)
+    for y, value in enumerate(seconds):
+        bars.annotate(f"{value:.2f} s", (value, y), va="center", fontsize=7)
+    bars.set_xlabel("seconds of the run")
+    bars.tick_params(axis="y", labelsize=7)
+    fig.suptitle(f"{report['gpu']} | {report['model']} | T={report['temperature']} | "
+                 f"{report['output_tok_s']:,.0f} output tok/s over {report['seconds']:.2f} s", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.plot_only:
+        import json
+
+        report = json.loads(Path(args.plot_only).read_text())
+        png = Path(args.plot_only).with_suffix(".png")
+        plot_steps(report, png)
+        print(f"wrote {png}")
+        return 0
     import torch
 
     if not torch.cuda.is_available():
@@ -182,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
               "engine_config": {k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool, type(None)))},
               "seconds": seconds, "output_tokens": output_tokens, "output_tok_s": output_tokens / seconds,
               "steps_by_kind": kinds, "windows": traces, "steps": steps}
-    print(f"wrote {write_json(Path(args.out) / f'offline_profile_{name}.json', report)}")
+    write_report(Path(args.out) / f"offline_profile_{name}", report, lambda png: plot_steps(report, png))
     engine.shutdown()
     return 0
 
