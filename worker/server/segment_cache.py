@@ -104,33 +104,34 @@ class SegmentCachedEncoder:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not self.applies(text, add_special_tokens):
             return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
-        ids: list[int] = []
-        for part, cacheable in self._parts(text):
-            cached = self._lookup(part) if cacheable else None
-            if cached is None:
-                cached = self._plain(part)
-                if cacheable:
-                    self._remember(part, cached)
-            ids.extend(cached)
-        return ids
+        return self._assemble(text, {})
 
     async def encode_async(self, text: str, offload: Callable[[str], Awaitable[list[int]]],
                            offload_chars: int) -> list[int]:
         """`encode(text, add_special_tokens=False)`, except that a part of at least `offload_chars` that
         is not cached is tokenized by `offload(part)` (in a thread), so the event loop, and the streams
-        it serves, run meanwhile; the cache itself is only read and written here, on the loop. For texts
+        it serves, run meanwhile; the cache itself is only read and written on the loop. For texts
         that `applies(text, False)` accepts."""
+        fresh: dict[str, list[int]] = {}
+        for part, cacheable in self._parts(text):
+            if len(part) >= offload_chars and part not in fresh and not (cacheable and part in self._segments):
+                fresh[part] = list(await offload(part))
+        return self._assemble(text, fresh)
+
+    # ------------------------------------------------------------------ internals
+    def _assemble(self, text: str, fresh: dict[str, list[int]]) -> list[int]:
+        """The ids of `text`, part by part: from the cache, else from `fresh` (parts tokenized already),
+        else tokenized here; long segments seen for the first time are remembered."""
         ids: list[int] = []
         for part, cacheable in self._parts(text):
             cached = self._lookup(part) if cacheable else None
             if cached is None:
-                cached = list(await offload(part)) if len(part) >= offload_chars else self._plain(part)
+                cached = fresh[part] if part in fresh else self._plain(part)
                 if cacheable:
                     self._remember(part, cached)
             ids.extend(cached)
         return ids
 
-    # ------------------------------------------------------------------ internals
     def _parts(self, text: str) -> Iterator[tuple[str, bool]]:
         """(part, cacheable) covering `text` in order: each long segment alone, the short ones between
         two long ones joined (one tokenizer call)."""
