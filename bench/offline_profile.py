@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.plotting import print_table, write_report
+from bench.vs_vllm import number_or_text
 
 
 def _windows(text: str) -> list[tuple[int, int]]:
@@ -58,14 +59,8 @@ def _engine_overrides(pairs: list[str]) -> dict:
         name, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"--engine-arg {pair!r}: expected NAME=VALUE")
-        for cast in (int, float):
-            try:
-                out[name] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            out[name] = {"true": True, "false": False}.get(value.lower(), value)
+        parsed = number_or_text(value)
+        out[name] = {"true": True, "false": False}.get(parsed.lower(), parsed) if isinstance(parsed, str) else parsed
     return out
 
 

@@ -112,13 +112,14 @@ def flags_as_options(flags: list[str]) -> dict:
             raise SystemExit(f"--engines: expected a --flag in brackets, got {flags[i]!r}")
         name = flags[i][2:].replace("-", "_")
         if i + 1 < len(flags) and not flags[i + 1].startswith("--"):
-            options[name], i = _number_or_text(flags[i + 1]), i + 2
+            options[name], i = number_or_text(flags[i + 1]), i + 2
         else:
             options[name.removeprefix("no_")], i = not name.startswith("no_"), i + 1
     return options
 
 
-def _number_or_text(value: str):
+def number_or_text(value: str):
+    """A command-line value as an int, else a float, else the text itself."""
     for kind in (int, float):
         try:
             return kind(value)
