@@ -245,6 +245,8 @@ def test_graph_replay_writes_only_memory_the_graphs_own(small_executor):
     must belong to the graphs' pool. Tensors allocated after capture, of exactly the partials' sizes, stay
     untouched by replays (a graph captured over the warm-up's buffers once wrote into freed memory that
     the allocator had handed on: a crash late in an 8B offline run)."""
+    import triton
+
     from kernels.triton_attention_decode import choose_num_splits
 
     executor = small_executor
@@ -254,7 +256,7 @@ def test_graph_replay_writes_only_memory_the_graphs_own(small_executor):
     assert splits > 1, "the test needs a graph whose decode kernel splits the context"
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    head_dim = 1 << (cfg.head_dim - 1).bit_length()  # the kernel pads D to a power of two
+    head_dim = triton.next_power_of_2(cfg.head_dim)  # as decode_attention pads D
     sizes = [(batch_size, cfg.num_attention_heads, splits, head_dim), (batch_size, cfg.num_attention_heads, splits)]
     sentinels = [torch.full(shape, 7.0, device="cuda") for shape in sizes for _ in range(64)]
     seqs = prefilled_sequences(executor, [600 + 37 * i for i in range(batch_size)], seed=11)
