@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 import jsonschema
 import pytest
 
-from tests.test_overlap import make_engine as make_overlap_engine
-from worker.config import EngineConfig
+from tests.test_overlap import make_cuda_engine, make_engine as make_overlap_engine
 from worker.engine.llm_engine import LLMEngine
 from worker.engine.protocol import EngineRequest
 from worker.sampling_params import SamplingParams, StructuredOutput
@@ -226,13 +225,7 @@ def test_prompt_logprobs_in_a_held_back_step():
 def test_cuda_engine_constrained_rows_overlap_with_the_synchronous_tokens(tmp_path_factory):
     """On the GPU (CUDA graphs reading pending tokens on the device, masks uploaded per step) held-back
     sampling gives the synchronous engine's tokens, and completed JSON validates."""
-    from tests.test_cuda_executor import checkpoint_folder
-
-    folder = checkpoint_folder("qwen3-0.6b", tmp_path_factory)
-    engine = LLMEngine(EngineConfig(model=str(folder), device="cuda", progress=False, mem_fraction=0.4,
-                                    cuda_graph_max_bs=16, page_size=16, enable_prefix_cache=False,
-                                    overlap_schedule=True))
-    assert engine.executor.uses_cuda_graphs and engine.overlap
+    engine = make_cuda_engine(tmp_path_factory)
     requests = [
         ("colours", "colours", greedy(structured_output=schema(COLOURS), n=2)),
         ("object", "an object", greedy(max_tokens=80, structured_output=schema(OBJECT))),

@@ -351,17 +351,26 @@ def test_resolve_future_tokens():
 
 
 # ---------------------------------------------------------------------- the CUDA executor (run with -m gpu)
-@pytest.mark.gpu
-def test_cuda_engine_overlap_gives_the_same_tokens(tmp_path_factory):
-    """On the GPU (pinned copies, events, CUDA graphs reading pending tokens on the device) overlap changes
-    no token: one engine, prefix cache off so both runs compute the same shapes, overlap off then on."""
-    from test_cuda_executor import checkpoint_folder, random_prompts as gpu_prompts
+def make_cuda_engine(tmp_path_factory) -> LLMEngine:
+    """One qwen3-0.6b engine on the GPU with decode graphs and overlap, prefix cache off so that runs with
+    overlap off and on compute the same shapes (the caller flips `engine.overlap`)."""
+    from test_cuda_executor import checkpoint_folder
 
     folder = checkpoint_folder("qwen3-0.6b", tmp_path_factory)
     engine = LLMEngine(EngineConfig(model=str(folder), device="cuda", progress=False, mem_fraction=0.4,
                                     cuda_graph_max_bs=16, page_size=16, enable_prefix_cache=False,
                                     overlap_schedule=True))
     assert engine.executor.uses_cuda_graphs and engine.overlap
+    return engine
+
+
+@pytest.mark.gpu
+def test_cuda_engine_overlap_gives_the_same_tokens(tmp_path_factory):
+    """On the GPU (pinned copies, events, CUDA graphs reading pending tokens on the device) overlap changes
+    no token: one engine, prefix cache off so both runs compute the same shapes, overlap off then on."""
+    from test_cuda_executor import random_prompts as gpu_prompts
+
+    engine = make_cuda_engine(tmp_path_factory)
     vocab = engine.model_config.vocab_size
     prompts = gpu_prompts(vocab, [5, 64, 317, 1000, 12, 40, 90, 3, 150, 22, 7, 600], seed=3)
     requests = [(f"g{i}", p, greedy(24)) for i, p in enumerate(prompts)]
