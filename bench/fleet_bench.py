@@ -9,7 +9,8 @@ every router sees the same sessions. Hit rates come from the workers' own /load 
         --routers cache_aware,round_robin,least_load,sglang-router --users 16 --duration 60 --out results/fleet
 
 Router names: our policies (cache_aware, round_robin, least_load, ...: `radixfleet router --policy X`),
-sglang-router (`pip install sglang-router`; its cache_aware policy) and vllm-router; a peer that is
+sglang-router (`pip install sglang-router`; its cache_aware policy), vllm-router and smg (`pip install smg`, the
+Shepherd Model Gateway that grew out of sglang-router; the same launch_router flags); a peer that is
 not installed is skipped with a note. Peers re-serialize requests with fields of their own; those go
 through a shim that drops any field the worker rejects by name (listed in the row's notes).
 
@@ -71,8 +72,9 @@ LOCUSTFILE = ROOT / "bench" / "locust" / "locustfile.py"
 PEERS = {  # name -> (python module to look for, pip package)
     "sglang-router": ("sglang_router", "sglang-router"),
     "vllm-router": ("vllm_router", "vllm-router"),
+    "smg": ("smg", "smg"),
 }
-PEER_LOG_LEVEL = {"sglang-router": "warn", "vllm-router": "warning"}  # each spells "warnings only" its own way
+PEER_LOG_LEVEL = {"sglang-router": "warn", "vllm-router": "warning", "smg": "warn"}  # each spells "warnings only" its own way
 # Locust options passed through unchanged (see the locustfile's OPTION_DEFAULTS).
 WORKLOAD_FLAGS = ("documents", "doc_chars", "zipf", "system_prompts", "system_chars", "turns", "user_chars",
                   "groups", "prompts_per_group", "prefix_chars", "question_chars", "trace")
@@ -853,7 +855,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-urls", nargs="+", default=None, help="use these running workers instead")
     parser.add_argument("--router-url", default=None, help="measure this running router (no routers started)")
     parser.add_argument("--routers", default="cache_aware,round_robin",
-                        help="comma-separated: our policies and/or sglang-router, vllm-router")
+                        help="comma-separated: our policies and/or sglang-router, vllm-router, smg")
     parser.add_argument("--workload", default="docqa", help=f"one of {', '.join(WORKLOADS)}")
     parser.add_argument("--users", type=int, default=16, help="Locust users (closed loop: sessions in flight)")
     parser.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default: all)")
