@@ -174,6 +174,12 @@ class RouterCollector(Collector):
              lambda w: w.tree.capacity_tokens),
             ("radixfleet_router_tree_evicted_chunks_total", "Chunks evicted from the worker's tree.",
              lambda w: w.tree.evicted_chunks),
+            ("radixfleet_router_tree_reloaded_chunks_total",
+             "Chunks sent to the worker again after its tree had evicted them (its cache could not keep them).",
+             lambda w: w.tree.reloaded_chunks),
+            ("radixfleet_router_tree_reload_share",
+             "Share of the chunks recently new to the worker's tree that it had evicted before (thrashing).",
+             lambda w: w.tree.reload_share),
         )
         for name, help_text, getter in per_worker:
             kind = CounterMetricFamily if name.endswith("_total") else GaugeMetricFamily

@@ -19,6 +19,18 @@ close to linear in uncached tokens on one kind of worker, so tokens are the unit
   and under eviction pressure every worker's cache churns (issue 11: 37% hit rate against 55-57% for
   routers that give every document one home).
 
+A miss (no worker holds enough of the prompt) costs every worker the whole prefill, so what tells them
+apart is the queue and what the new copy pushes out (`miss_costs`). Every full tree "evicts" the copy's
+size, but most of what a worker evicts may be one-off tails (a question asked once) that cost nothing to
+lose; the tree's `reload_share` says how much of what it evicts is wanted again. So a miss costs
+`queue_i + evict_weight * reload_share_i * prompt_tokens`. Without it, misses follow the least loaded
+worker, which under skewed popularity is the one holding the many cold documents: it evicts one of them
+for every new one, sends it back to itself on the next miss, and thrashes while other workers' caches
+hold only tails (issue 11, doc-QA on 4 sim workers: 81.2% -> 81.8% hit rate, mean of 3 repeats).
+Copies of a held prefix keep the plainer eviction term above: priced by reload share, copies were cheap on
+workers that evict only tails and doc-QA fell to 75% (every copy kept alive by traffic squeezes the
+worker's own documents).
+
 Replication follows from the same sum: a hot prefix gets a second copy only when its holder's queue
 exceeds the copy's prefill and what it evicts, a third when both holders are that busy, and so on,
 so a prefix is held by as many workers as its load needs and no more.
@@ -78,6 +90,17 @@ def placement_costs(workers: Sequence[WorkerState], loads: Sequence[int], matche
             if over > 0:
                 cost += evict_weight * over
         append(cost)
+    return costs
+
+
+def miss_costs(workers: Sequence[WorkerState], loads: Sequence[int], prompt_chars: int,
+               request_cost_tokens: float, evict_weight: float) -> list[float]:
+    """A cache miss's cost on every worker, in prefill tokens: queue plus the re-used prefixes it evicts."""
+    costs = []
+    for w, load in zip(workers, loads):
+        tree = w.tree
+        evicted = tree.reload_share * prompt_chars * tree.tokens_per_chunk / tree.chunk_chars
+        costs.append(w.outstanding_tokens + request_cost_tokens * load + evict_weight * evicted)
     return costs
 
 

@@ -10,8 +10,10 @@ cache_aware, the default, in order:
 1. A session pin wins unless its worker is not routable or above the high watermark.
 2. Load imbalance (max - min in-flight > balance_abs AND max > balance_rel * min; entered at those
    thresholds and left only below half of them: hysteresis) -> least loaded (longest match breaks ties).
-3. Best predicted match ratio below cache_threshold -> a cache miss: least loaded, ties broken by the
-   fewest requests ever sent, so misses never herd onto one worker.
+3. Best predicted match ratio below cache_threshold -> a cache miss: the worker with the least queue
+   plus re-used prefixes the copy would evict there (its tree's reload share: a worker whose evictions
+   come back is thrashing; router/placement.py miss_costs), ties broken by load and then the fewest
+   requests ever sent, so misses never herd onto one worker.
 4. Otherwise the request goes to the worker where it costs least: the queue it joins, plus the
    prompt tokens it must prefill there, plus the cached tokens a new copy would evict there
    (router/placement.py has the arithmetic and why). A worker holding a shared system prompt wins
@@ -35,7 +37,7 @@ from typing import Sequence
 
 import xxhash
 
-from router.placement import DEFAULT_EVICT_WEIGHT, WarmUp, placement_costs
+from router.placement import DEFAULT_EVICT_WEIGHT, WarmUp, miss_costs, placement_costs
 from router.sessions import SessionTable
 from router.worker_pool import WorkerState
 
@@ -339,8 +341,11 @@ class CacheAware(Policy):
         costs = placement_costs(workers, loads, matches, request.text_chars, self.request_cost_tokens,
                                 self.evict_weight)
         if best_match / max(request.text_chars, 1) < self.cache_threshold:
-            # A miss: the least loaded, and among those the one where the copy evicts least.
-            best_i = min(range(n), key=lambda i: (loads[i], costs[i], workers[i].processed, (i - rotation) % n))
+            # A miss: the least queue plus re-used prefixes evicted (router/placement.py miss_costs), then
+            # the least loaded, the one where a partial match saves most, the fewest sent.
+            missed = miss_costs(workers, loads, request.text_chars, self.request_cost_tokens, self.evict_weight)
+            best_i = min(range(n), key=lambda i: (missed[i], loads[i], costs[i], workers[i].processed,
+                                                  (i - rotation) % n))
             return workers[best_i], "cache_miss", matches[best_i]
         # The least (cost, load, processed, rotation) in order; the tail is built only on a tie of cost.
         best_i = 0

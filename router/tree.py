@@ -19,6 +19,12 @@ prefix. The tree is then a single flat `OrderedDict` of prefix names:
   unreferenced leaves LRU. No parent pointers or child counts are needed.
 
 A trailing partial chunk is ignored (prediction granularity is one chunk, like the worker's pages).
+
+Reloads: the tree remembers the names it evicted (ghosts, at most as many as it can hold). A chunk
+inserted again while its ghost is remembered is a reload: something this worker's cache could not keep
+was wanted again. `reload_share`, reloads over the chunks newly inserted lately, says how much of what
+the worker evicts comes back: near 0 when it evicts only one-off tails (a question asked once), high
+when it holds more re-used prefixes than its KV keeps and they push each other out.
 """
 
 from __future__ import annotations
@@ -66,7 +72,8 @@ class PrefixTree:
     inserting beyond it evicts least-recently-used leaves.
     """
 
-    __slots__ = ("_nodes", "chunk_chars", "tokens_per_chunk", "capacity_tokens", "evicted_chunks")
+    __slots__ = ("_nodes", "chunk_chars", "tokens_per_chunk", "capacity_tokens", "evicted_chunks",
+                 "reloaded_chunks", "_ghosts", "_recent_new", "_recent_reloaded")
 
     def __init__(
         self,
@@ -83,6 +90,12 @@ class PrefixTree:
         self.tokens_per_chunk = chunk_chars / chars_per_token
         self.capacity_tokens = capacity_tokens
         self.evicted_chunks = 0
+        self.reloaded_chunks = 0  # ever (the metric); reload_share reads the recent window below
+        self._ghosts: OrderedDict[int, None] = OrderedDict()  # names evicted, oldest first
+        # Chunks newly inserted and reloads among them, both halved whenever the first passes twice the
+        # tree's size: a window of about the last two to four cachefuls of new text.
+        self._recent_new = 0.0
+        self._recent_reloaded = 0.0
 
     # --- queries -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -126,6 +139,11 @@ class PrefixTree:
     def match_chars(self, hashes: Sequence[int]) -> int:
         return self.match_chunks(hashes) * self.chunk_chars
 
+    @property
+    def reload_share(self) -> float:
+        """Share of the chunks recently inserted that this tree had evicted before (module docstring)."""
+        return self._recent_reloaded / self._recent_new if self._recent_new else 0.0
+
     # --- updates -------------------------------------------------------------------------------
     def insert(self, hashes: Sequence[int]) -> None:
         """Record that the worker now caches this prefix path (marks it most recently used)."""
@@ -138,14 +156,27 @@ class PrefixTree:
             # A prompt longer than the whole cache: the worker keeps at most its head.
             hashes = hashes[:max_chunks]
         nodes = self._nodes
+        ghosts = self._ghosts
         move = nodes.move_to_end
+        new = reloaded = 0
         # Deepest first, so that every ancestor ends up more recent than its descendants.
         for h in reversed(hashes):
             if h in nodes:
                 move(h)
             else:
                 nodes[h] = None
-        self._evict_to(max_chunks)
+                new += 1
+                if h in ghosts:
+                    del ghosts[h]
+                    reloaded += 1
+        if new:
+            self.reloaded_chunks += reloaded
+            self._recent_reloaded += reloaded
+            self._recent_new += new
+            if self._recent_new > 2 * max_chunks:
+                self._recent_new /= 2
+                self._recent_reloaded /= 2
+            self._evict_to(max_chunks)
 
     def set_capacity(self, capacity_tokens: int) -> None:
         """Follow a change in the worker's reported KV capacity, evicting LRU leaves if it shrank."""
@@ -172,6 +203,8 @@ class PrefixTree:
     def clear(self) -> None:
         """Forget everything (the worker restarted or its cache was flushed)."""
         self._nodes.clear()
+        self._ghosts.clear()
+        self._recent_new = self._recent_reloaded = 0.0
 
     def _evict_to(self, max_chunks: int) -> None:
         nodes = self._nodes
@@ -179,8 +212,11 @@ class PrefixTree:
         if excess <= 0:
             return
         pop = nodes.popitem
+        ghosts = self._ghosts
         for _ in range(excess):
-            pop(last=False)  # oldest entry: always a leaf (see module docstring)
+            ghosts[pop(last=False)[0]] = None  # oldest entry: always a leaf (see module docstring)
+        for _ in range(len(ghosts) - max_chunks):
+            ghosts.popitem(last=False)
         self.evicted_chunks += excess
 
     # --- introspection for tests ---------------------------------------------------------------

@@ -248,6 +248,7 @@ class WorkerState:
             "tree_tokens": tree.size_tokens,
             "tree_capacity_tokens": tree.capacity_tokens,
             "estimated_cached_tokens": min(tree.size_tokens, tree.capacity_tokens),
+            "tree_reload_share": round(tree.reload_share, 4),  # what its cache evicts and is asked for again
             "chars_per_token": round(self.chars_per_token.value, 3),
             "chars_per_token_measured": self.chars_per_token.measured,
             "restarts": self.restarts,

@@ -23,6 +23,8 @@ PUBLISHED = {
     # issue 11: load signals and the measured characters per token, per worker
     "radixfleet_router_worker_prefilling": "gauge", "radixfleet_router_worker_decoding": "gauge",
     "radixfleet_router_worker_chars_per_token": "gauge", "radixfleet_router_worker_restarts": "counter",
+    # issue 11: what each worker's tree evicted and was sent again (cache_aware's miss placement reads it)
+    "radixfleet_router_tree_reloaded_chunks": "counter", "radixfleet_router_tree_reload_share": "gauge",
 }
 
 

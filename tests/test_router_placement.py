@@ -72,6 +72,30 @@ def test_a_copy_costs_its_eviction_only_where_the_cache_is_full():
     assert costs[2] - costs[1] == pytest.approx(evicted_tokens(full, uncached))
 
 
+def thrash(worker, tag: str) -> None:
+    """Make the worker's tree evict documents that are then asked for again (more documents than its KV)."""
+    docs = [chunk_hashes(f"{tag} document {d} " * 120) for d in range(4)]
+    for _ in range(3):
+        for doc in docs:
+            worker.tree.insert(doc)
+    assert worker.tree.reload_share > 0.5
+
+
+def test_a_miss_goes_where_evicting_costs_nothing_not_to_the_thrashing_worker():
+    pool = make_pool(2, kv_tokens=1024)
+    thrashing, calm = list(pool)
+    thrash(thrashing, "t")
+    fill(calm, "c")  # as full, but of one-off prompts
+    assert calm.tree.reload_share == 0.0
+    calm.on_dispatch(0)  # one more request in flight: least loaded is the thrashing worker
+    d = CacheAware().choose(pool.routable(0.0), route("A new document nobody holds. " * 70))
+    assert d.worker is calm and d.reason == "cache_miss"
+    # ...until the calm worker's queue is worth more than the re-used prefixes the copy would evict.
+    calm.outstanding_tokens = 2000
+    d = CacheAware().choose(pool.routable(0.0), route("A new document nobody holds. " * 70))
+    assert d.worker is thrashing
+
+
 def test_a_popular_document_keeps_one_home_while_its_holder_keeps_up():
     pool = make_pool(4, kv_tokens=4096)
     for i, w in enumerate(pool):

@@ -54,6 +54,31 @@ def test_insert_beyond_capacity_evicts_least_recently_used_branch():
     assert t.match_chunks(hashes("root" + "bbbb" * 2)) == 2, "b's leaf went first, its parent stays"
 
 
+def test_reload_share_counts_what_the_tree_evicted_and_was_asked_for_again():
+    t = tree(4)
+    for i in range(8):  # one-off prompts: every eviction is a tail nobody asks for again
+        t.insert(hashes(f"q{i:03d}"))
+    assert t.evicted_chunks == 4 and t.reload_share == 0.0
+    t.insert(hashes("q000"))  # evicted, then wanted again: a reload
+    assert t.reloaded_chunks == 1 and t.reload_share == pytest.approx(1 / 9)
+    t.insert(hashes("q000"))  # held now: touching it is no reload
+    assert t.reloaded_chunks == 1
+    t.clear()  # a restarted worker: its evictions are forgotten with its cache
+    t.insert(hashes("q001"))
+    assert t.reloaded_chunks == 1 and t.reload_share == 0.0
+
+
+def test_reload_share_reads_the_recent_window_not_all_time():
+    t = tree(4)
+    for _ in range(3):  # two prompts taking turns in room for one: every insert is a reload
+        for name in ("aaaa" * 3, "bbbb" * 3):
+            t.insert(hashes(name))
+    assert t.reload_share > 0.5
+    for i in range(40):  # then one-off prompts only: the share decays with the window
+        t.insert(hashes(f"z{i:03d}"))
+    assert t.reload_share < 0.1
+
+
 def test_shared_root_outlives_its_leaves():
     t = tree(4)
     t.insert(hashes("root" + "aaaa" + "aaaa"))
