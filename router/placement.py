@@ -96,12 +96,8 @@ def placement_costs(workers: Sequence[WorkerState], loads: Sequence[int], matche
 def miss_costs(workers: Sequence[WorkerState], loads: Sequence[int], prompt_chars: int,
                request_cost_tokens: float, evict_weight: float) -> list[float]:
     """A cache miss's cost on every worker, in prefill tokens: queue plus the re-used prefixes it evicts."""
-    costs = []
-    for w, load in zip(workers, loads):
-        tree = w.tree
-        evicted = tree.reload_share * prompt_chars * tree.tokens_per_chunk / tree.chunk_chars
-        costs.append(w.outstanding_tokens + request_cost_tokens * load + evict_weight * evicted)
-    return costs
+    return [w.outstanding_tokens + request_cost_tokens * load + evict_weight * w.tree.reload_share * tokens(prompt_chars, w)
+            for w, load in zip(workers, loads)]
 
 
 class WarmUp:
